@@ -1,0 +1,51 @@
+"""Exponential moving average of a model's weights (DiT's ``update_ema``).
+
+The EMA model is a deep copy of the network kept in float32 and in eval mode, with gradients
+off. After each applied optimizer step::
+
+    ema ← decay · ema + (1 − decay) · θ          (every parameter, trainable or frozen)
+
+and buffers are copied as they are. Sampling and evaluation use the EMA weights.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Mapping
+
+import torch
+from torch import nn
+
+
+class EMA:
+    """An EMA copy of ``model``.
+
+    Args:
+        model: the network being trained (a bare module, not a DDP wrapper).
+        decay: the EMA decay in [0, 1] (METHOD.md: 0.9999); 0 makes the EMA a copy.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"ema decay must lie in [0, 1], got {decay}")
+        self.decay = float(decay)
+        self.model = copy.deepcopy(model).float().eval()
+        self.model.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Move every EMA parameter toward ``model``'s by ``1 − decay``; copy buffers."""
+        params = dict(model.named_parameters())
+        for name, ema_p in self.model.named_parameters():
+            ema_p.mul_(self.decay).add_(params[name].detach().float(), alpha=1.0 - self.decay)
+        buffers = dict(model.named_buffers())
+        for name, ema_b in self.model.named_buffers():
+            ema_b.copy_(buffers[name])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The EMA model's state dict (float32 tensors)."""
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load EMA weights (strict: every key must match)."""
+        self.model.load_state_dict(state, strict=True)

@@ -1,0 +1,482 @@
+"""Training on a condensed set: the step, the data iterator, the plain single-process loop.
+
+* :class:`Trainer` holds what one worker needs: the model, the objective, AdamW, the EMA,
+  the precision helper, a ``torch.Generator`` (seeded by ``train.seed`` and the worker rank)
+  from which every random draw of a step comes, and the step counter. ``state_dict`` /
+  ``load_state_dict`` carry everything a resume needs except the weights, which the
+  checkpoint stores as safetensors.
+* :class:`CondensedBatches` is a deterministic, resumable batch iterator over an in-memory
+  condensed set. Its position is (epoch, batch index); the epoch's order AND its horizontal
+  flips are functions of (seed, epoch) alone, so that position restores the stream exactly.
+* :func:`check_shapes` refuses, before any training, a condensed set that does not fit the model.
+* :func:`train_loop` is the plain loop (the Ray Train path wraps the same Trainer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from d2c.config import TrainConfig
+from d2c.train.checkpoint import (
+    capture_rng_state,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    restore_rng_state,
+    save_checkpoint,
+)
+from d2c.train.ema import EMA
+from d2c.train.objective import D2CObjective, unwrap
+from d2c.train.precision import Precision
+
+#: Probability that a sample is shown horizontally flipped when train.hflip is on.
+HFLIP_PROB = 0.5
+
+
+def worker_seed(seed: int, rank: int) -> int:
+    """A 64-bit generator seed for (train.seed, worker rank), distinct per rank."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint64)[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer
+# ----------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """One worker's training state and step.
+
+    Args:
+        model: the network (a :class:`~d2c.models.dit.DiT`, or a DDP wrapper around one); it is
+            moved to ``device``.
+        objective: the loss (:class:`D2CObjective`).
+        train: ``cfg.train``: lr, beta1, beta2, weight_decay (AdamW), precision, clip_norm,
+            ema_decay, seed.
+        device: where the step runs.
+        rank: the worker's rank (decorrelates the generators of data-parallel workers).
+        scaler_kwargs: extra GradScaler arguments for fp16 (see :class:`Precision`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: D2CObjective,
+        train: TrainConfig,
+        device: str | torch.device = "cpu",
+        rank: int = 0,
+        **scaler_kwargs: Any,
+    ):
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.module = unwrap(self.model)
+        self.objective = objective
+        self.clip_norm = float(train.clip_norm)
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=train.lr, betas=(train.beta1, train.beta2), weight_decay=train.weight_decay
+        )
+        self.ema = EMA(self.module, train.ema_decay)
+        self.precision = Precision(train.precision, self.device.type, **scaler_kwargs)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(worker_seed(train.seed, rank))
+        self.step = 0
+        self.skipped_steps = 0
+
+    def _to_device(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if v is not None}
+
+    def train_step(self, batch: Mapping[str, Tensor]) -> dict[str, float]:
+        """One optimizer step on ``batch`` (see :meth:`D2CObjective.loss_at` for its keys).
+
+        Returns:
+            floats: the loss terms, ``grad_norm``, ``skipped`` (0/1), ``lr``, ``loss_scale`` and
+            ``step`` (the count after this step; skipped steps count, and leave weights and EMA alone).
+        """
+        self.model.train()
+        batch = self._to_device(batch)
+        with self.precision.autocast():
+            terms = self.objective(self.model, batch, self.generator)
+        result = self.precision.step(terms["loss"], self.optimizer, self.params, self.clip_norm)
+        if result.skipped:
+            self.skipped_steps += 1
+        else:
+            self.ema.update(self.module)
+        self.step += 1
+        metrics = {k: float(v.detach()) for k, v in terms.items()}
+        metrics.update(
+            grad_norm=result.grad_norm,
+            skipped=float(result.skipped),
+            lr=float(self.optimizer.param_groups[0]["lr"]),
+            loss_scale=result.scale,
+            step=float(self.step),
+        )
+        return metrics
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer, scaler, step counters, the generator and the global RNG states
+        (weights_only-loadable); the weights are saved separately."""
+        return dict(
+            step=self.step,
+            skipped_steps=self.skipped_steps,
+            optimizer=self.optimizer.state_dict(),
+            scaler=self.precision.state_dict(),
+            generator=self.generator.get_state(),
+            rng=capture_rng_state(),
+        )
+
+    def load_state_dict(self, state: Mapping[str, Any], restore_global_rng: bool = True) -> None:
+        """Inverse of :meth:`state_dict` (extra keys such as ``data`` are ignored)."""
+        self.step = int(state["step"])
+        self.skipped_steps = int(state["skipped_steps"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.precision.load_state_dict(state["scaler"])
+        self.generator.set_state(state["generator"].cpu())
+        if restore_global_rng:
+            restore_rng_state(state["rng"])
+
+    def restore(self, ckpt: Mapping[str, Any]) -> dict[str, int]:
+        """Load a :func:`~d2c.train.checkpoint.load_checkpoint` result: weights, EMA, trainer state.
+
+        Returns:
+            the saved data position (``{"epoch", "index"}``), empty if none was saved.
+        """
+        self.module.load_state_dict(ckpt["model"], strict=True)
+        self.ema.load_state_dict(ckpt["ema"])
+        self.load_state_dict(ckpt["trainer"])
+        return dict(ckpt["trainer"].get("data", {}))
+
+
+# ----------------------------------------------------------------------------------------------
+# Shape checks (before training)
+# ----------------------------------------------------------------------------------------------
+
+
+class ShapeMismatchError(ValueError):
+    """The condensed set (or its text embeddings) does not fit the model."""
+
+
+def check_shapes(
+    model_kwargs: Mapping[str, Any],
+    shapes: Mapping[str, Sequence[int]],
+    text_shape: Optional[Sequence[int]] = None,
+    mask_shape: Optional[Sequence[int]] = None,
+    hflip: bool = False,
+    max_label: Optional[int] = None,
+) -> None:
+    """Raise :class:`ShapeMismatchError` naming every way the data does not fit the model.
+
+    Args:
+        model_kwargs: :class:`DiT` kwargs (:func:`d2c.models.build.dit_kwargs` or ``model.json``).
+        shapes: per-row tensor shapes of the condensed set (``condensed_shapes(path)`` or
+            ``{k: a.shape[1:]}``): ``latent`` [C, h, w], optional ``latent_flip``, ``visual`` [T, d],
+            ``visual_flip``.
+        text_shape: the class text embeddings' shape [num_classes, L, d], or None.
+        mask_shape: their mask's shape [num_classes, L], or None.
+        hflip: flips will be used (then the ``*_flip`` columns are required).
+        max_label: the largest label in the data, if known.
+    """
+    problems: list[str] = []
+    c = model_kwargs["in_channels"]
+    size = model_kwargs["input_size"]
+    patch = model_kwargs["patch_size"]
+    tokens = (size // patch) ** 2
+    want_latent = [c, size, size]
+    if "latent" not in shapes:
+        problems.append("latent: the condensed set has no latent column")
+    for name in ("latent", "latent_flip"):
+        if name in shapes and list(shapes[name]) != want_latent:
+            problems.append(
+                f"{name} shape: the condensed set has {list(shapes[name])} but the model takes "
+                f"{want_latent} (in_channels, input_size, input_size); the latent size follows "
+                "data.image_size and autoencoder.kind"
+            )
+    proj_dim = model_kwargs.get("proj_dim")
+    if proj_dim is not None:
+        for name in ("visual", "visual_flip") if hflip else ("visual",):
+            if name not in shapes:
+                problems.append(
+                    f"{name}: the model has a REPA projector but the condensed set has no {name} column "
+                    + ("(re-run attach with attach.flip=true, or set train.hflip=false)" if name == "visual_flip"
+                       else "(set model.use_visual=false, or attach visual features)")
+                )
+                continue
+            t, d = list(shapes[name])
+            if t != tokens:
+                problems.append(
+                    f"{name} token count: the condensed set has {t} tokens per image but the model has "
+                    f"{tokens} tokens ((input_size {size} / patch_size {patch})^2)"
+                )
+            if d != proj_dim:
+                problems.append(f"{name} dim: the condensed set has {d}-d visual tokens but the model's proj_dim is {proj_dim}")
+    if hflip and "latent_flip" not in shapes:
+        problems.append(
+            "latent_flip: train.hflip is on but the condensed set has no latent_flip column "
+            "(re-run attach with attach.flip=true, or set train.hflip=false)"
+        )
+    text_dim = model_kwargs.get("text_dim")
+    num_classes = model_kwargs["num_classes"]
+    if text_dim is not None:
+        text_len = model_kwargs["text_len"]
+        if text_shape is None:
+            problems.append("text: the model has a DC text embedding (text_dim) but no text embeddings were given")
+        else:
+            n_text, length, dim = list(text_shape)
+            if dim != text_dim:
+                problems.append(f"text dim: the text embeddings are {dim}-d but the model's text_dim is {text_dim}")
+            if length != text_len:
+                problems.append(f"text length: the text embeddings have {length} tokens but the model's text_len is {text_len}")
+            if n_text != num_classes:
+                problems.append(
+                    f"text classes: there are text embeddings for {n_text} classes but the model has {num_classes}"
+                )
+            if mask_shape is not None and list(mask_shape) != [n_text, length]:
+                problems.append(f"text mask shape: {list(mask_shape)} does not match the embeddings' [{n_text}, {length}]")
+    if max_label is not None and max_label >= num_classes:
+        problems.append(f"labels: the data has label {max_label} but the model has {num_classes} classes")
+    if problems:
+        raise ShapeMismatchError("the condensed set does not fit the model:\n  " + "\n  ".join(problems))
+
+
+# ----------------------------------------------------------------------------------------------
+# The batch iterator
+# ----------------------------------------------------------------------------------------------
+
+
+class CondensedBatches:
+    """Deterministic, resumable batches of a condensed set held in memory.
+
+    Epoch ``e``'s random stream is ``numpy.random.default_rng([seed, e])``: it draws the
+    permutation of all rows, then one flip bit per row (``HFLIP_PROB``). Rank ``r`` of ``w``
+    takes the strided slice ``perm[r::w]``, cut to ``len(rows) // w`` so every rank has the
+    same number of batches; batch ``i`` is its ``i``-th slice of ``batch_size`` rows. The
+    position (epoch, index of the next batch) alone therefore restores the stream — flips
+    included — on any rank. A flipped row uses ``latent_flip`` (and ``visual_flip``): features
+    are never flipped here.
+
+    Args:
+        data: condensed columns as numpy arrays (:func:`d2c.data.condensed.read_condensed`):
+            ``label`` [N], ``latent`` [N, C, h, w], optional ``latent_flip``, ``visual`` [N, T, d],
+            ``visual_flip``.
+        batch_size: rows per batch on this rank.
+        seed: the data seed (``train.seed``).
+        hflip: use horizontal flips.
+        use_visual: put ``visual`` in the batches (the model has a projector).
+        text_emb: ``[num_classes, L, d]`` class text embeddings to gather per row, or None.
+        text_mask: ``[num_classes, L]`` their mask (None: all tokens valid).
+        rank, world_size: data-parallel sharding.
+        drop_last: drop a last incomplete batch of each epoch.
+        flip_prob: probability of a flip per row and epoch.
+
+    Yields (:meth:`next_batch`): ``latent`` float32 [B, C, h, w], ``label`` int64 [B], and as
+    configured ``visual`` [B, T, d] (stored dtype), ``text_emb`` float32 [B, L, d],
+    ``text_mask`` [B, L]; all CPU tensors.
+    """
+
+    def __init__(
+        self,
+        data: Mapping[str, np.ndarray],
+        batch_size: int,
+        seed: int,
+        hflip: bool = False,
+        use_visual: bool = False,
+        text_emb: Optional[np.ndarray | Tensor] = None,
+        text_mask: Optional[np.ndarray | Tensor] = None,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = True,
+        flip_prob: float = HFLIP_PROB,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        for name in ("label", "latent"):
+            if name not in data:
+                raise ValueError(f"the condensed set has no {name!r} column")
+        needed = []
+        if use_visual:
+            needed.append("visual")
+        if hflip:
+            needed += ["latent_flip"] + (["visual_flip"] if use_visual else [])
+        missing = [n for n in needed if n not in data]
+        if missing:
+            raise ValueError(
+                f"the condensed set lacks {missing} needed for "
+                f"{'flips' if hflip else 'the projector'}; set train.hflip=false / model.use_visual=false "
+                "or re-run attach"
+            )
+        self.labels = np.asarray(data["label"], dtype=np.int64)
+        self.columns = {n: np.asarray(data[n]) for n in ["latent"] + needed}
+        self.num_rows = len(self.labels)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.hflip = hflip
+        self.flip_prob = flip_prob
+        self.use_visual = use_visual
+        self.text_emb = None if text_emb is None else torch.as_tensor(text_emb, dtype=torch.float32)
+        self.text_mask = None if text_mask is None else torch.as_tensor(text_mask)
+        if self.text_mask is not None and self.text_emb is None:
+            raise ValueError("text_mask given without text_emb")
+        if self.text_emb is not None and self.labels.size and self.labels.max() >= len(self.text_emb):
+            raise ValueError(
+                f"label {int(self.labels.max())} has no text embedding (there are {len(self.text_emb)} classes)"
+            )
+        self.rank = rank
+        self.world_size = world_size
+        self.drop_last = drop_last
+        self.rows_per_rank = self.num_rows // world_size
+        full, rest = divmod(self.rows_per_rank, batch_size)
+        self.batches_per_epoch = full + int(rest > 0 and not drop_last)
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"{self.num_rows} rows over {world_size} worker(s) give {self.rows_per_rank} per worker, "
+                f"fewer than one batch of {batch_size}; lower train.batch_size"
+            )
+        self.epoch = 0
+        self.index = 0
+        self._cached_epoch: Optional[int] = None
+        self._order: np.ndarray = np.empty(0, dtype=np.int64)
+        self._flips: np.ndarray = np.empty(0, dtype=bool)
+
+    def epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's row order ``[rows_per_rank]`` in ``epoch`` and the flip bit of every row ``[N]``."""
+        rng = np.random.default_rng([self.seed, epoch])
+        perm = rng.permutation(self.num_rows)
+        flips = rng.random(self.num_rows) < self.flip_prob if self.hflip else np.zeros(self.num_rows, dtype=bool)
+        order = perm[self.rank :: self.world_size][: self.rows_per_rank]
+        return order, flips
+
+    def _plan(self) -> None:
+        if self._cached_epoch != self.epoch:
+            self._order, self._flips = self.epoch_plan(self.epoch)
+            self._cached_epoch = self.epoch
+
+    def next_batch(self) -> dict[str, Tensor]:
+        """The batch at the current position; then advance it (into the next epoch at the end)."""
+        self._plan()
+        rows = self._order[self.index * self.batch_size : (self.index + 1) * self.batch_size]
+        flip = self._flips[rows]
+        batch = dict(label=torch.from_numpy(self.labels[rows]))
+        batch["latent"] = torch.from_numpy(self._pick("latent", rows, flip).astype(np.float32, copy=False))
+        if self.use_visual:
+            batch["visual"] = torch.from_numpy(self._pick("visual", rows, flip))
+        if self.text_emb is not None:
+            labels = batch["label"]
+            batch["text_emb"] = self.text_emb[labels]
+            if self.text_mask is not None:
+                batch["text_mask"] = self.text_mask[labels]
+        self.index += 1
+        if self.index == self.batches_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        return batch
+
+    def _pick(self, name: str, rows: np.ndarray, flip: np.ndarray) -> np.ndarray:
+        """Rows of column ``name``, taken from ``name + "_flip"`` where ``flip`` is set."""
+        out = self.columns[name][rows]
+        if flip.any():
+            out = out.copy()
+            out[flip] = self.columns[f"{name}_flip"][rows[flip]]
+        return np.ascontiguousarray(out)
+
+    def __iter__(self) -> "CondensedBatches":
+        return self
+
+    def __next__(self) -> dict[str, Tensor]:
+        return self.next_batch()
+
+    def state_dict(self) -> dict[str, int]:
+        """The data position: ``{"epoch", "index"}`` (index = the next batch within the epoch)."""
+        return dict(epoch=self.epoch, index=self.index)
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        index = int(state["index"])
+        if not 0 <= index < self.batches_per_epoch:
+            raise ValueError(f"batch index {index} is outside this epoch's {self.batches_per_epoch} batches")
+        self.epoch, self.index = int(state["epoch"]), index
+
+
+# ----------------------------------------------------------------------------------------------
+# The plain loop
+# ----------------------------------------------------------------------------------------------
+
+
+def jsonl_logger(path: str | os.PathLike) -> Callable[[Mapping[str, Any]], None]:
+    """A ``log_fn`` appending one JSON line per call (``TRAIN/metrics.jsonl``)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(metrics: Mapping[str, Any]) -> None:
+        with open(target, "a") as f:
+            f.write(json.dumps(dict(metrics)) + "\n")
+
+    return log
+
+
+def save_training_state(
+    trainer: Trainer, batches: CondensedBatches, ckpt_dir: str | os.PathLike, meta: Mapping[str, Any]
+) -> Path:
+    """Checkpoint the trainer and the data position at ``trainer.step``."""
+    state = dict(trainer.state_dict(), data=batches.state_dict())
+    return save_checkpoint(ckpt_dir, trainer.step, trainer.module, trainer.ema.model, state, meta)
+
+
+def resume_latest(trainer: Trainer, batches: CondensedBatches, ckpt_dir: str | os.PathLike) -> Optional[Path]:
+    """Restore the newest checkpoint in ``ckpt_dir`` into ``trainer`` and ``batches``, if any."""
+    path = latest_checkpoint(ckpt_dir)
+    if path is None:
+        return None
+    position = trainer.restore(load_checkpoint(path, map_location=trainer.device))
+    if position:
+        batches.load_state_dict(position)
+    return path
+
+
+def train_loop(
+    trainer: Trainer,
+    batches: CondensedBatches,
+    steps: int,
+    ckpt_dir: Optional[str | os.PathLike] = None,
+    ckpt_every: Optional[int] = None,
+    log_fn: Optional[Callable[[Mapping[str, Any]], None]] = None,
+    meta: Optional[Mapping[str, Any]] = None,
+    keep: Optional[int] = None,
+    log_every: int = 1,
+) -> Optional[dict[str, float]]:
+    """Train until ``trainer.step == steps`` (a resumed trainer continues from its step).
+
+    Args:
+        trainer, batches: positioned where training should continue.
+        steps: the total step count to reach.
+        ckpt_dir: where to checkpoint (None: never); a checkpoint is written every
+            ``ckpt_every`` steps and at the end.
+        log_fn: called with each logged step's metrics plus ``epoch`` (of that step's batch).
+        meta: :func:`~d2c.train.checkpoint.checkpoint_meta` (required with ``ckpt_dir``).
+        keep: prune to the newest ``keep`` checkpoints after each save (None: keep all).
+        log_every: call ``log_fn`` every this many steps (and at the last).
+    Returns:
+        the last step's metrics (None if no step was run).
+    """
+    if ckpt_dir is not None and meta is None:
+        raise ValueError("train_loop needs meta (checkpoint_meta(...)) to write checkpoints")
+    metrics = None
+    while trainer.step < steps:
+        epoch = batches.epoch
+        metrics = trainer.train_step(batches.next_batch())
+        metrics["epoch"] = float(epoch)
+        last = trainer.step == steps
+        if log_fn is not None and (trainer.step % log_every == 0 or last):
+            log_fn(metrics)
+        if ckpt_dir is not None and ((ckpt_every and trainer.step % ckpt_every == 0) or last):
+            save_training_state(trainer, batches, ckpt_dir, meta)
+            if keep is not None:
+                prune_checkpoints(ckpt_dir, keep)
+    return metrics

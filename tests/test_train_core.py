@@ -1,0 +1,557 @@
+"""Tests for d2c.train (objective, EMA, precision, checkpoint, trainer) and d2c.models.build.
+
+Tiny DiTs (8x8 input, patch 2 -> 16 tokens, hidden 32, depth 2, 2 heads), CPU, seeded.
+"""
+
+import io
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from d2c.config import D2CConfig, TrainConfig
+from d2c.diffusion.ddpm import DDPMSchedule, linear_betas
+from d2c.models.build import build_model, dit_kwargs
+from d2c.models.dit import DiT
+from d2c.train.checkpoint import (
+    CHECKPOINT_FORMAT,
+    TRAINER_FILE,
+    capture_rng_state,
+    checkpoint_meta,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_model,
+    prune_checkpoints,
+    restore_rng_state,
+    save_checkpoint,
+)
+from d2c.train.ema import EMA
+from d2c.train.objective import D2CObjective, projection_loss
+from d2c.train.trainer import (
+    CondensedBatches,
+    ShapeMismatchError,
+    Trainer,
+    check_shapes,
+    resume_latest,
+    save_training_state,
+    train_loop,
+)
+
+NUM_CLASSES, TEXT_LEN, TEXT_DIM, VIS_DIM, PROJ_HIDDEN = 3, 4, 6, 5, 16
+SIZE, PATCH, TOKENS = 8, 2, 16
+ROWS, BATCH = 12, 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _cfg(**model) -> D2CConfig:
+    """A config whose model is the tiny DiT (1 channel, 8 px, identity autoencoder)."""
+    m = dict(hidden_size=32, depth=2, num_heads=2, patch_size=PATCH, encoder_depth=1, proj_hidden_dim=PROJ_HIDDEN,
+             learn_sigma=True, class_dropout_prob=0.1)
+    m.update(model)
+    return D2CConfig.model_validate(dict(data=dict(image_size=SIZE, channels=1), model=m))
+
+
+def _kwargs(cfg=None, text=True, visual=True) -> dict:
+    cfg = cfg or _cfg()
+    return dit_kwargs(cfg, NUM_CLASSES, TEXT_DIM if text else None, TEXT_LEN, VIS_DIM if visual else None)
+
+
+def _model(kwargs: dict, seed: int = 0) -> DiT:
+    torch.manual_seed(seed)
+    return build_model(kwargs)
+
+
+def _randomize(model: torch.nn.Module, seed: int, std: float = 0.1) -> None:
+    """Overwrite every trainable parameter (the zero-initialised ones too) with N(0, std)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def _data(seed: int = 0, channels: int = 1) -> dict:
+    rng = np.random.default_rng(seed)
+    return dict(
+        image_id=np.array([f"img{i}" for i in range(ROWS)], dtype=object),
+        label=np.arange(ROWS) % NUM_CLASSES,
+        latent=rng.standard_normal((ROWS, channels, SIZE, SIZE)).astype(np.float32),
+        latent_flip=rng.standard_normal((ROWS, channels, SIZE, SIZE)).astype(np.float32),
+        visual=rng.standard_normal((ROWS, TOKENS, VIS_DIM)).astype(np.float16),
+        visual_flip=rng.standard_normal((ROWS, TOKENS, VIS_DIM)).astype(np.float16),
+    )
+
+
+def _text(seed: int = 1):
+    rng = np.random.default_rng(seed)
+    emb = rng.standard_normal((NUM_CLASSES, TEXT_LEN, TEXT_DIM)).astype(np.float32)
+    mask = np.ones((NUM_CLASSES, TEXT_LEN), np.float32)
+    mask[:, -1] = 0  # one padding token per class
+    return emb, mask
+
+
+def _batches(use_visual=True, text=True, **kw) -> CondensedBatches:
+    emb, mask = _text() if text else (None, None)
+    return CondensedBatches(_data(), BATCH, seed=0, hflip=True, use_visual=use_visual, text_emb=emb, text_mask=mask, **kw)
+
+
+def _train_cfg(**kw) -> TrainConfig:
+    base = dict(lr=1e-3, ema_decay=0.9, clip_norm=1.0, seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _dit_objective(proj_coeff=0.5, learn_sigma=True) -> D2CObjective:
+    return D2CObjective("dit", DDPMSchedule(), proj_coeff=proj_coeff, learn_sigma=learn_sigma)
+
+
+def _assert_states_equal(a: dict, b: dict, skip=()) -> None:
+    assert set(a) - set(skip) == set(b) - set(skip)
+    for k in a:
+        if k not in skip:
+            assert torch.equal(a[k], b[k]), k
+
+
+# ----------------------------------------------------------------------------------------------
+# build
+# ----------------------------------------------------------------------------------------------
+
+
+def test_dit_kwargs_custom_and_named():
+    kw = _kwargs()
+    assert kw == dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, mlp_ratio=4.0,
+                      class_dropout_prob=0.1, num_classes=3, learn_sigma=True, text_dim=6, text_len=4, proj_dim=5,
+                      proj_hidden_dim=16, encoder_depth=1)
+    json.dumps(kw)  # plain JSON values
+    off = dit_kwargs(_cfg(use_text=False, use_visual=False), NUM_CLASSES, TEXT_DIM, TEXT_LEN, VIS_DIM)
+    assert off["text_dim"] is None and off["proj_dim"] is None
+    cfg = D2CConfig.model_validate(dict(autoencoder=dict(kind="sd_vae", path="x"), data=dict(image_size=256, channels=3),
+                                        model=dict(size="SiT-XL/2", encoder_depth=8)))
+    named = dit_kwargs(cfg, 1000, 2048, 16, 768)
+    assert (named["depth"], named["hidden_size"], named["num_heads"], named["patch_size"]) == (28, 1152, 16, 2)
+    assert (named["input_size"], named["in_channels"]) == (32, 4)
+    with pytest.raises(ValueError, match="model.size"):
+        dit_kwargs(cfg.model_copy(update=dict(model=cfg.model.model_copy(update=dict(size="XXL/3")))), 10)
+
+
+# ----------------------------------------------------------------------------------------------
+# objective: hand computations
+# ----------------------------------------------------------------------------------------------
+
+
+def _fixed_batch(seed=3, n=4):
+    g = torch.Generator().manual_seed(seed)
+    emb, mask = _text()
+    labels = torch.tensor([0, 2, 1, 2])[:n]
+    return dict(
+        latent=torch.randn(n, 1, SIZE, SIZE, generator=g),
+        label=labels,
+        visual=torch.randn(n, TOKENS, VIS_DIM, generator=g).half(),
+        text_emb=torch.from_numpy(emb)[labels],
+        text_mask=torch.from_numpy(mask)[labels],
+    )
+
+
+def test_dit_objective_matches_hand_computation():
+    model = _model(_kwargs(_cfg(learn_sigma=False)))
+    _randomize(model, 0)
+    model.eval()  # no label dropout
+    batch = _fixed_batch()
+    t = torch.tensor([0, 10, 500, 999])
+    noise = torch.randn(batch["latent"].shape, generator=torch.Generator().manual_seed(7))
+    terms = _dit_objective(proj_coeff=0.5, learn_sigma=False).loss_at(model, batch, t, noise)
+
+    ab = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[t].float().view(-1, 1, 1, 1)
+    x0 = batch["latent"]
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+    out, proj = model(x_t, t.float(), batch["label"], text_emb=batch["text_emb"], text_mask=batch["text_mask"])
+    mse = ((noise - out) ** 2).mean()
+    vis = batch["visual"].float()
+    cos = (proj * vis).sum(-1) / (proj.norm(dim=-1) * vis.norm(dim=-1))
+    hand_proj = -cos.mean()
+    torch.testing.assert_close(terms["loss_diff"], mse, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(terms["loss_proj"], hand_proj, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(terms["loss"], mse + 0.5 * hand_proj, rtol=1e-5, atol=1e-6)
+    assert "loss_vlb" not in terms
+    assert -1.0 <= float(terms["loss_proj"].detach()) <= 1.0
+
+
+def test_dit_hybrid_vlb_trains_only_the_variance_channels():
+    model = _model(_kwargs(_cfg(learn_sigma=True), visual=False))
+    _randomize(model, 1)
+    model.eval()
+    batch = _fixed_batch()
+    del batch["visual"]
+    t = torch.tensor([0, 3, 400, 999])
+    noise = torch.randn(batch["latent"].shape, generator=torch.Generator().manual_seed(8))
+    objective = _dit_objective(proj_coeff=0.5, learn_sigma=True)
+    terms = objective.loss_at(model, batch, t, noise)
+    torch.testing.assert_close(terms["loss"], terms["loss_diff"] + terms["loss_vlb"])
+    assert float(terms["loss_vlb"].detach()) > 0
+    assert float(terms["loss_proj"]) == 0.0  # no visual features: no projection term
+    # The VLB gradient reaches the final layer only through the variance channels (ε̂ is detached).
+    terms["loss_vlb"].backward()
+    w = model.final_layer.linear.weight.grad  # rows ordered (p, q, c_out), c_out fastest
+    c_out = model.out_channels
+    eps_rows = torch.arange(w.shape[0]) % c_out < model.in_channels
+    assert float(w[eps_rows].abs().sum()) == 0.0
+    assert float(w[~eps_rows].abs().sum()) > 0.0
+
+
+def test_sit_objective_matches_hand_computation():
+    model = _model(_kwargs(_cfg(learn_sigma=False, arch="sit")))
+    _randomize(model, 2)
+    model.eval()
+    batch = _fixed_batch()
+    t = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    noise = torch.randn(batch["latent"].shape, generator=torch.Generator().manual_seed(9))
+    objective = D2CObjective("sit", None, proj_coeff=0.25)
+    terms = objective.loss_at(model, batch, t, noise)
+    x0 = batch["latent"]
+    tb = t.view(-1, 1, 1, 1)
+    x_t = (1 - tb) * x0 + tb * noise
+    out, proj = model(x_t, t, batch["label"], text_emb=batch["text_emb"], text_mask=batch["text_mask"])
+    hand = (((noise - x0) - out) ** 2).mean()
+    torch.testing.assert_close(terms["loss_diff"], hand, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(terms["loss"], hand + 0.25 * projection_loss(proj, batch["visual"]), rtol=1e-6, atol=1e-7)
+    # Drawing: t ~ U[0, 1], then noise, from the generator, in that order.
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    drawn = objective(model, batch, g1)
+    t2, noise2 = objective.sample_t_noise(batch["latent"], g2)
+    assert t2.dtype == torch.float32 and bool(((t2 >= 0) & (t2 <= 1)).all())
+    again = objective.loss_at(model, batch, t2, noise2)
+    assert torch.equal(drawn["loss"], again["loss"])
+
+
+def test_objective_description_roundtrip_and_errors():
+    obj = _dit_objective()
+    desc = obj.describe()
+    assert desc["schedule"] == "linear" and desc["beta_start"] == 1e-4 and desc["beta_end"] == 0.02
+    back = D2CObjective.from_description(json.loads(json.dumps(desc)))
+    assert torch.equal(back.schedule.betas, linear_betas(1000, 1e-4, 0.02)) and back.learn_sigma
+    spaced = D2CObjective("dit", DDPMSchedule().respace(10)).describe()
+    rebuilt = D2CObjective.from_description(spaced).schedule
+    assert spaced["schedule"] == "betas" and rebuilt.timestep_map.tolist() == DDPMSchedule().respace(10).timestep_map.tolist()
+    assert D2CObjective.from_description(D2CObjective("sit").describe()).arch == "sit"
+    with pytest.raises(ValueError, match="needs a DDPMSchedule"):
+        D2CObjective("dit")
+    with pytest.raises(ValueError, match="no projector"):
+        model = _model(_kwargs(visual=False))
+        _dit_objective().loss_at(model, _fixed_batch(), torch.zeros(4, dtype=torch.long), torch.zeros(4, 1, 8, 8))
+
+
+# ----------------------------------------------------------------------------------------------
+# gradients, λ = 0
+# ----------------------------------------------------------------------------------------------
+
+
+def test_projection_loss_and_dc_embedding_receive_gradients():
+    model = _model(_kwargs())
+    trainer = Trainer(model, _dit_objective(), _train_cfg())
+    batches = _batches()
+    for _ in range(2):  # adaLN-Zero starts at zero: a couple of steps open the path from y to the output
+        trainer.train_step(batches.next_batch())
+    terms = trainer.objective(model, batches.next_batch(), trainer.generator)
+    terms["loss"].backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if n.startswith(("projector.", "y_embedder.text_"))}
+    assert len(grads) == 3 * 2 + 2 + 2 + 2 * 2  # projector 3 Linears, text_proj, text_norm, text_mlp 2 Linears
+    for name, g in grads.items():
+        assert g is not None and float(g.abs().sum()) > 0, name
+    # The projection term alone also trains the projector.
+    model.zero_grad()
+    trainer.objective(model, batches.next_batch(), trainer.generator)["loss_proj"].backward()
+    assert float(model.projector[0].weight.grad.abs().sum()) > 0
+
+
+def test_lambda_zero_equals_plain_diffusion_training():
+    with_proj = _model(_kwargs())
+    plain = build_model(_kwargs(visual=False))
+    missing, unexpected = plain.load_state_dict(with_proj.state_dict(), strict=False)
+    assert missing == [] and all(k.startswith("projector.") for k in unexpected) and unexpected
+    runs = {}
+    for name, model, use_visual in (("lambda0", with_proj, True), ("plain", plain, False)):
+        trainer = Trainer(model, _dit_objective(proj_coeff=0.0), _train_cfg())
+        batches = _batches(use_visual=use_visual)
+        losses = []
+        for _ in range(4):
+            m = trainer.train_step(batches.next_batch())
+            assert m["loss_proj"] == 0.0
+            losses.append((m["loss"], m["loss_diff"], m["loss_vlb"], m["grad_norm"]))
+        runs[name] = (losses, model.state_dict(), trainer.ema.state_dict())
+    assert runs["lambda0"][0] == runs["plain"][0]
+    skip = [k for k in runs["lambda0"][1] if k.startswith("projector.")]
+    _assert_states_equal(runs["lambda0"][1], runs["plain"][1], skip=skip)
+    _assert_states_equal(runs["lambda0"][2], runs["plain"][2], skip=skip)
+    # With λ > 0 the same model's total includes the projection term.
+    trainer = Trainer(_model(_kwargs()), _dit_objective(proj_coeff=0.5), _train_cfg())
+    m = trainer.train_step(_batches().next_batch())
+    assert m["loss_proj"] != 0.0
+    assert math.isclose(m["loss"], m["loss_diff"] + m["loss_vlb"] + 0.5 * m["loss_proj"], rel_tol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# resume: 2 x 10 steps == 20 steps
+# ----------------------------------------------------------------------------------------------
+
+
+def _run(trainer, batches, steps, **kw):
+    log = []
+    train_loop(trainer, batches, steps, log_fn=log.append, **kw)
+    return [(m["step"], m["loss"], m["loss_diff"], m["loss_proj"], m["grad_norm"]) for m in log]
+
+
+def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
+    cfg = _cfg()
+    kwargs = _kwargs(cfg)
+    objective = D2CObjective.from_config(cfg)
+    meta = checkpoint_meta("dit", kwargs, objective.describe(), cfg.to_dict())
+    train = _train_cfg(proj_coeff=cfg.train.proj_coeff)
+
+    straight = Trainer(_model(kwargs), objective, train)
+    losses_straight = _run(straight, _batches(), 20)
+
+    first = Trainer(_model(kwargs), objective, train)
+    losses_a = _run(first, _batches(), 10, ckpt_dir=tmp_path, ckpt_every=10, meta=meta)
+    del first
+    ckpt = load_checkpoint(tmp_path)  # the newest in the directory
+    assert ckpt["path"].name == "step-0000010" and ckpt["trainer"]["data"] == dict(epoch=3, index=1)
+    model = build_model(ckpt["meta"]["dit_kwargs"])  # fresh, differently initialised
+    second = Trainer(model, D2CObjective.from_description(ckpt["meta"]["diffusion"]), train)
+    batches = _batches()
+    batches.load_state_dict(second.restore(ckpt))
+    assert second.step == 10
+    losses_b = _run(second, batches, 20, ckpt_dir=tmp_path, ckpt_every=10, meta=meta)
+
+    assert losses_a + losses_b == losses_straight
+    assert len(losses_straight) == 20 and losses_straight[-1][0] == 20.0
+    _assert_states_equal(straight.module.state_dict(), second.module.state_dict())
+    _assert_states_equal(straight.ema.state_dict(), second.ema.state_dict())
+    assert not torch.equal(straight.ema.model.final_layer.linear.weight, straight.module.final_layer.linear.weight)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [10, 20]
+
+    # resume_latest does the same in one call: the newest checkpoint is step 20.
+    third = Trainer(build_model(kwargs), objective, train)
+    batches = _batches()
+    assert resume_latest(third, batches, tmp_path) == tmp_path / "step-0000020"
+    assert third.step == 20 and batches.state_dict() == dict(epoch=6, index=2)
+    _assert_states_equal(third.ema.state_dict(), straight.ema.state_dict())
+
+
+def test_global_rng_state_roundtrip():
+    state = capture_rng_state()
+    first = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    restore_rng_state(torch.load(_roundtrip(state), weights_only=True))
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == first
+
+
+def _roundtrip(obj) -> io.BytesIO:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
+
+
+# ----------------------------------------------------------------------------------------------
+# precision
+# ----------------------------------------------------------------------------------------------
+
+
+def _params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_fp16_gradscaler_skips_inf_steps_and_bf16_runs():
+    model = _model(_kwargs())
+    trainer = Trainer(model, _dit_objective(), _train_cfg(precision="fp16"))
+    assert trainer.precision.scaler.is_enabled()
+    batches = _batches()
+    m = trainer.train_step(batches.next_batch())
+    assert m["skipped"] == 0.0 and math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])
+
+    before, ema_before, scale = _params(model), dict(trainer.ema.state_dict()), trainer.precision.scaler.get_scale()
+    ema_before = {k: v.clone() for k, v in ema_before.items()}
+    hook = model.final_layer.linear.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    m = trainer.train_step(batches.next_batch())
+    hook.remove()
+    assert m["skipped"] == 1.0 and trainer.skipped_steps == 1 and trainer.step == 2
+    assert trainer.precision.scaler.get_scale() == scale * 0.5  # GradScaler's default backoff
+    _assert_states_equal(before, _params(model))
+    _assert_states_equal(ema_before, trainer.ema.state_dict())
+    m = trainer.train_step(batches.next_batch())
+    assert m["skipped"] == 0.0
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert not torch.equal(before["final_layer.linear.weight"], model.final_layer.linear.weight)
+
+    bf16 = Trainer(_model(_kwargs()), _dit_objective(), _train_cfg(precision="bf16"))
+    w0 = bf16.module.final_layer.linear.weight.detach().clone()
+    m = bf16.train_step(_batches().next_batch())
+    assert m["skipped"] == 0.0 and math.isfinite(m["loss"]) and m["loss_scale"] == 1.0
+    assert not torch.equal(w0, bf16.module.final_layer.linear.weight)
+
+
+def test_fp32_nonfinite_gradient_is_skipped():
+    model = _model(_kwargs())
+    trainer = Trainer(model, _dit_objective(), _train_cfg())
+    before = _params(model)
+    hook = model.x_embedder.proj.weight.register_hook(lambda g: torch.full_like(g, float("nan")))
+    m = trainer.train_step(_batches().next_batch())
+    hook.remove()
+    assert m["skipped"] == 1.0 and trainer.skipped_steps == 1 and math.isnan(m["grad_norm"])
+    _assert_states_equal(before, _params(model))
+
+
+def test_ema_update_rule():
+    src = torch.nn.Linear(2, 2)
+    ema = EMA(src, decay=0.75)
+    old = ema.model.weight.detach().clone()
+    with torch.no_grad():
+        src.weight.add_(4.0)
+    ema.update(src)
+    torch.testing.assert_close(ema.model.weight, 0.75 * old + 0.25 * src.weight.detach())
+    assert not ema.model.weight.requires_grad and not ema.model.training
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoint files
+# ----------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_atomic_weights_only_load_model_prune(tmp_path, monkeypatch):
+    cfg = _cfg()
+    kwargs = _kwargs(cfg)
+    objective = D2CObjective.from_config(cfg)
+    meta = checkpoint_meta("dit", kwargs, objective.describe(), cfg.to_dict())
+    trainer = Trainer(_model(kwargs), objective, _train_cfg(precision="fp16"))
+    batches = _batches()
+    paths = []
+    for _ in range(3):
+        trainer.train_step(batches.next_batch())
+        paths.append(save_training_state(trainer, batches, tmp_path, meta))
+    assert [p.name for p in paths] == ["step-0000001", "step-0000002", "step-0000003"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in paths]  # no temp dirs left
+
+    info = json.loads((paths[-1] / "model.json").read_text())
+    assert info["format"] == CHECKPOINT_FORMAT and info["arch"] == "dit" and info["step"] == 3
+    assert info["dit_kwargs"] == kwargs and info["diffusion"]["num_timesteps"] == 1000
+    assert info["config"]["model"]["hidden_size"] == 32
+    state = torch.load(paths[-1] / TRAINER_FILE, weights_only=True)
+    assert state["step"] == 3 and state["data"] == dict(epoch=1, index=0)
+    assert state["scaler"]["scale"] == trainer.precision.scaler.get_scale()
+    assert set(state["rng"]) >= {"torch", "numpy", "python"} and isinstance(state["optimizer"]["state"], dict)
+
+    # A crash mid-write leaves nothing that looks like a checkpoint.
+    def crash(*args, **kw):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("d2c.train.checkpoint.torch.save", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint(tmp_path, 9, trainer.module, trainer.ema.model, trainer.state_dict(), meta)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in paths]
+    # Leftovers of a killed writer (a temp dir, an incomplete step dir) are ignored.
+    partial = tmp_path / ".tmp-step-0000099-123-abc"
+    partial.mkdir()
+    (partial / "model.json").write_text("{}")
+    (tmp_path / "step-0000050").mkdir()
+    (tmp_path / "step-0000050" / "model.json").write_text("{}")
+    assert latest_checkpoint(tmp_path) == paths[-1]
+
+    # load_model rebuilds an equal network from model.json.
+    ema_model, meta_back = load_model(tmp_path)
+    assert meta_back["step"] == 3 and not ema_model.training
+    _assert_states_equal(ema_model.state_dict(), trainer.ema.state_dict())
+    raw_model, _ = load_model(paths[-1], use_ema=False)
+    _assert_states_equal(raw_model.state_dict(), trainer.module.state_dict())
+
+    # Re-saving a step replaces it; prune keeps the newest N and clears temp dirs.
+    again = save_training_state(trainer, batches, tmp_path, meta)
+    assert again == paths[-1] and latest_checkpoint(tmp_path) == again
+    deleted = prune_checkpoints(tmp_path, keep=2)
+    assert paths[0] in deleted and partial in deleted
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 3]
+    assert not partial.exists()
+    with pytest.raises(ValueError, match="keep"):
+        prune_checkpoints(tmp_path, keep=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# data: shapes, determinism, sharding, flips
+# ----------------------------------------------------------------------------------------------
+
+
+def test_check_shapes_names_each_mismatch():
+    kwargs = _kwargs()
+    good = dict(latent=[1, 8, 8], latent_flip=[1, 8, 8], visual=[16, 5], visual_flip=[16, 5])
+    check_shapes(kwargs, good, text_shape=[3, 4, 6], mask_shape=[3, 4], hflip=True, max_label=2)
+    cases = {
+        "latent shape": dict(good, latent=[4, 8, 8]),
+        "visual token count": dict(good, visual=[64, 5]),
+        "visual dim": dict(good, visual=[16, 1280]),
+        "latent_flip: train.hflip": {k: v for k, v in good.items() if k != "latent_flip"},
+    }
+    for what, shapes in cases.items():
+        with pytest.raises(ShapeMismatchError, match=what):
+            check_shapes(kwargs, shapes, text_shape=[3, 4, 6], hflip=True)
+    with pytest.raises(ShapeMismatchError, match="text dim: the text embeddings are 384-d but the model's text_dim is 6"):
+        check_shapes(kwargs, good, text_shape=[3, 4, 384])
+    with pytest.raises(ShapeMismatchError, match="text length"):
+        check_shapes(kwargs, good, text_shape=[3, 16, 6])
+    with pytest.raises(ShapeMismatchError, match="text classes"):
+        check_shapes(kwargs, good, text_shape=[10, 4, 6])
+    with pytest.raises(ShapeMismatchError, match="no text embeddings"):
+        check_shapes(kwargs, good)
+    with pytest.raises(ShapeMismatchError, match="labels: the data has label 7"):
+        check_shapes(kwargs, good, text_shape=[3, 4, 6], max_label=7)
+
+
+def test_condensed_batches_deterministic_sharded_flip_consistent():
+    data = _data()
+    a, b = _batches(), _batches()
+    seq_a = [a.next_batch() for _ in range(5)]
+    seq_b = [b.next_batch() for _ in range(5)]
+    for x, y in zip(seq_a, seq_b):
+        assert x.keys() == y.keys() == {"label", "latent", "visual", "text_emb", "text_mask"}
+        for k in x:
+            assert torch.equal(x[k], y[k])
+    assert a.state_dict() == dict(epoch=1, index=2)  # 3 batches per epoch
+    # Restoring the position reproduces the stream.
+    c = _batches()
+    c.load_state_dict(dict(epoch=1, index=1))
+    assert torch.equal(c.next_batch()["latent"], seq_a[4]["latent"])
+
+    # Each row is shown plain or flipped, latent and visual together, as the epoch's flip bits say.
+    order, flips = a.epoch_plan(0)
+    assert sorted(order.tolist()) == list(range(ROWS)) and 0 < flips.sum() < ROWS
+    shown = torch.cat([s["latent"] for s in seq_a[:3]])
+    shown_vis = torch.cat([s["visual"] for s in seq_a[:3]])
+    for pos, row in enumerate(order):
+        suffix = "_flip" if flips[row] else ""
+        assert torch.equal(shown[pos], torch.from_numpy(data["latent" + suffix][row]))
+        assert torch.equal(shown_vis[pos], torch.from_numpy(data["visual" + suffix][row]))
+    emb, mask = _text()
+    assert torch.equal(seq_a[0]["text_emb"], torch.from_numpy(emb)[seq_a[0]["label"]])
+
+    # Two ranks take disjoint strided slices of the same permutation.
+    r0, r1 = _batches(rank=0, world_size=2), _batches(rank=1, world_size=2)
+    assert r0.batches_per_epoch == r1.batches_per_epoch == 1  # 6 rows each, drop_last
+    o0, _ = r0.epoch_plan(0)
+    o1, _ = r1.epoch_plan(0)
+    assert set(o0.tolist()).isdisjoint(o1.tolist()) and len(o0) == len(o1) == 6
+    keep = CondensedBatches(data, 5, seed=0, drop_last=False)
+    assert keep.batches_per_epoch == 3 and len([keep.next_batch() for _ in range(3)][-1]["label"]) == 2
+    with pytest.raises(ValueError, match="visual_flip"):
+        CondensedBatches({k: v for k, v in data.items() if k != "visual_flip"}, 4, 0, hflip=True, use_visual=True)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        CondensedBatches(data, 64, 0)
