@@ -78,6 +78,9 @@ class ScoreConfig(_Section):
     num_timesteps: int = Field(8, ge=1, le=1000)
     seed: int = 0
     batch_size: int = Field(256, ge=1)
+    #: Rows (image × timestep) per scorer forward pass; every pass is padded to this count so
+    #: that scores are bitwise independent of batching. Best: batch_size × num_timesteps.
+    forward_rows: int = Field(2048, ge=1)
     #: Scoring actors: min and max size of the Ray Data actor pool.
     min_actors: int = Field(1, ge=1)
     max_actors: int = Field(1, ge=1)

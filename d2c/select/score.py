@@ -69,6 +69,7 @@ def difficulty_scores(
     timesteps: torch.Tensor,
     seed: int,
     max_forward_batch: int = 4096,
+    pad_rows: bool = False,
 ) -> torch.Tensor:
     """Per-timestep ε-prediction losses of each image.
 
@@ -82,6 +83,10 @@ def difficulty_scores(
         timesteps: int64 [T] from :func:`stratified_timesteps`.
         seed: ``score.seed``.
         max_forward_batch: most rows per scorer forward pass.
+        pad_rows: pad every forward pass to exactly ``max_forward_batch`` rows. Matrix kernels
+            pick their blocking by row count, so only a fixed row count makes a score bitwise
+            independent of how images were batched (measured: a 7-row pass differs from the same
+            rows inside a 64-row pass by 2e-7; any permutation within a fixed size is exact).
     Returns:
         float32 [B, T]: mean over (C, H, W) of ‖ε_t − ε̂‖² per image and timestep;
         the score is its mean over T.
@@ -100,6 +105,13 @@ def difficulty_scores(
     losses = torch.empty(b * t_count, dtype=torch.float32, device=device)
     for start in range(0, b * t_count, max_forward_batch):
         sl = slice(start, start + max_forward_batch)
-        pred = model_fn(x_t[sl], t_rows[sl], y_rows[sl])[:, :c]
+        xs, ts, ys = x_t[sl], t_rows[sl], y_rows[sl]
+        rows = len(xs)
+        if pad_rows and rows < max_forward_batch:
+            extra = max_forward_batch - rows
+            xs = torch.cat([xs, xs.new_zeros((extra, *xs.shape[1:]))])
+            ts = torch.cat([ts, ts.new_zeros(extra)])
+            ys = torch.cat([ys, ys.new_zeros(extra)])
+        pred = model_fn(xs, ts, ys)[:rows, :c]
         losses[sl] = ((eps[sl] - pred.float()) ** 2).flatten(1).mean(1)
     return losses.view(b, t_count).cpu()

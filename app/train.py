@@ -1,0 +1,367 @@
+"""``d2c train``: DiT/SiT on a condensed set (or a full dataset) with Ray Train.
+
+    condensed parquet ─► Ray Dataset ─► streaming split ─► each worker: iter_torch_batches
+      ─► Trainer.train_step (L_diff + λ·L_proj, AMP, clipping, EMA) ─► rank 0: checkpoint + report
+
+* ``condensed=RUN/condensed``: latents, visual tokens (and flipped copies) from the set; class
+  text embeddings from ``RUN/text_embeddings.safetensors`` beside it.
+* ``data.full=true``: the raw dataset, plain class conditioning, no projection loss — how a
+  scorer is trained from scratch; its checkpoint is accepted by ``d2c condense``.
+* Resume: a rerun with a larger ``train.steps`` continues from ``TRAIN/checkpoints``' latest
+  step (model, EMA, optimizer, scaler, RNG states, data position); after a worker failure
+  Ray Train restarts the workers from the last reported checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from app.ray_session import init_ray, quiet_data_context
+from app.stages import Decode, StageTimer, listing_table, table_blocks
+from d2c.config import ConfigError, D2CConfig, build_config, check_paths
+
+#: Environment variable for fault-injection tests: the worker of rank 0 raises once at this step.
+FAIL_AT_STEP_ENV = "D2C_INJECT_FAILURE_AT_STEP"
+#: Checkpoints Ray Train keeps in its own storage (ours are pruned separately).
+RAY_CHECKPOINTS_KEPT = 2
+#: Rows kept in the local shuffle buffer of each worker's batch iterator, in batches.
+SHUFFLE_BATCHES = 4
+
+
+def train_dir_of(cfg: D2CConfig) -> Path:
+    return Path(cfg.train_dir) if cfg.train_dir else Path(cfg.run_dir) / "train"
+
+
+# ------------------------------------------------------------------------------------
+# Inputs: condensed set or full dataset → Ray Dataset + what the model needs
+# ------------------------------------------------------------------------------------
+
+
+def _class_names(condensed: Path) -> Optional[list[str]]:
+    manifest = condensed.parent / "manifest.json"
+    if manifest.is_file():
+        return json.loads(manifest.read_text()).get("class_names")
+    return None
+
+
+def condensed_inputs(cfg: D2CConfig) -> dict[str, Any]:
+    """The condensed set as a Ray Dataset plus its shapes, text embeddings and class count."""
+    import ray
+
+    from d2c.attach.text import TEXT_FILE, load_text_embeddings
+    from d2c.data.condensed import CondensedFormatError, condensed_shapes
+
+    if not cfg.condensed:
+        raise ConfigError("condensed is required: pass condensed=RUN/condensed (or data.full=true to train on the raw data)")
+    path = Path(cfg.condensed)
+    try:
+        shapes = condensed_shapes(path)
+    except CondensedFormatError as err:
+        raise ConfigError(f"condensed: {err}") from None
+    text = None
+    text_path = path.parent / TEXT_FILE
+    if cfg.model.use_text:
+        if not text_path.is_file():
+            raise ConfigError(f"model.use_text is on but {text_path} is missing; rerun `d2c condense` or set model.use_text=false")
+        emb, mask, names, _ = load_text_embeddings(text_path)
+        text = (emb, mask)
+        num_classes = emb.shape[0]
+    else:
+        names = _class_names(path)
+        num_classes = len(names) if names else None
+    ds = ray.data.read_parquet(str(path))
+    if num_classes is None:
+        num_classes = int(ds.max("label")) + 1
+    return {"dataset": ds, "shapes": shapes, "text": text, "num_classes": num_classes, "rows": ds.count()}
+
+
+class EncodeFull:
+    """Ray Data actor: decoded images → latents (for training on the full dataset)."""
+
+    def __init__(self, cfg_dict: dict):
+        from d2c.attach.visual import build_autoencoder
+
+        self.cfg = build_config(cfg_dict)
+        self.autoencoder = build_autoencoder(self.cfg)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from d2c.attach.visual import encode_latents
+
+        ok = np.asarray([r == "" for r in batch["reject"]])
+        ids = [str(i) for i in batch["image_id"][ok]]
+        z = encode_latents(self.autoencoder, batch["image"][ok], ids, self.cfg.score.seed).numpy()
+        return {"label": batch["label"][ok].astype(np.int64), "latent": z.reshape(len(z), -1)}
+
+
+def full_inputs(cfg: D2CConfig) -> dict[str, Any]:
+    """The raw dataset as a materialised Ray Dataset of (latent, label)."""
+    import ray
+
+    from d2c.data.source import list_source
+
+    listing = list_source(cfg.data)
+    table = listing_table(listing.rows, cfg.score.shard_rows)
+    ds = ray.data.from_arrow(table_blocks(table))
+    ds = ds.map_batches(Decode, fn_constructor_kwargs={"data_cfg": cfg.data.model_dump()}, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1))
+    ds = ds.map_batches(EncodeFull, fn_constructor_kwargs={"cfg_dict": cfg.to_dict()},
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1), batch_size=cfg.score.batch_size)
+    ds = ds.materialize()
+    shapes = {"latent": [cfg.latent_channels, cfg.latent_size, cfg.latent_size]}
+    return {"dataset": ds, "shapes": shapes, "text": None, "num_classes": listing.num_classes, "rows": ds.count()}
+
+
+# ------------------------------------------------------------------------------------
+# The per-worker loop
+# ------------------------------------------------------------------------------------
+
+
+def _to_batch(raw: dict, shapes: dict, text, use_visual: bool, hflip: bool, generator) -> dict:
+    """Ray's flat tensors → the Trainer's batch: reshape, pick flipped copies, gather text."""
+    import torch
+
+    n = raw["label"].shape[0]
+    latent = raw["latent"].view(n, *shapes["latent"]).float()
+    batch = {"label": raw["label"].long()}
+    visual = raw["visual"].view(n, *shapes["visual"]).float() if use_visual and "visual" in raw else None
+    if hflip and "latent_flip" in raw:
+        flip = torch.rand(n, generator=generator) < 0.5
+        latent = torch.where(flip.view(n, 1, 1, 1), raw["latent_flip"].view(n, *shapes["latent"]).float(), latent)
+        if visual is not None:
+            vflip = raw["visual_flip"].view(n, *shapes["visual"]).float()
+            visual = torch.where(flip.view(n, 1, 1), vflip, visual)
+    batch["latent"] = latent
+    if visual is not None:
+        batch["visual"] = visual
+    if text is not None:
+        emb, mask = text
+        batch["text_emb"] = emb[batch["label"]]
+        batch["text_mask"] = mask[batch["label"]]
+    return batch
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker body (every rank runs it; rank 0 writes checkpoints and metrics)."""
+    import ray.train
+    import torch
+    from ray.train import Checkpoint
+
+    from d2c.models.build import build_model
+    from d2c.train.checkpoint import checkpoint_meta, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+    from d2c.train.objective import D2CObjective
+    from d2c.train.trainer import Trainer
+
+    cfg = build_config(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    use_gpu = cfg.train.use_gpu and torch.cuda.is_available()
+    device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+    kwargs = config["dit_kwargs"]
+    model = build_model(kwargs)
+    objective = D2CObjective.from_config(cfg)
+    if world > 1:
+        model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": kwargs.get("proj_dim") is not None and objective.proj_coeff == 0})
+    trainer = Trainer(model, objective, cfg.train, device=device, rank=rank)
+    ckpt_dir = Path(config["train_dir"]) / "checkpoints"
+    meta = checkpoint_meta(cfg.model.arch, kwargs, objective.describe(), cfg.to_dict())
+    position = {"epoch": 0, "index": 0}
+    restored = ray.train.get_checkpoint()
+    source = None
+    if restored is not None:
+        with restored.as_directory() as d:
+            position = trainer.restore(load_checkpoint(d, map_location=device)) or position
+            source = "Ray Train checkpoint (worker restart)"
+    elif latest_checkpoint(ckpt_dir) is not None:
+        path = latest_checkpoint(ckpt_dir)
+        position = trainer.restore(load_checkpoint(path, map_location=device)) or position
+        source = str(path)
+    if rank == 0:
+        print(f"[d2c] train: {'resumed at step ' + str(trainer.step) + ' from ' + source if source else 'starting at step 0'}; "
+              f"target {cfg.train.steps} steps, {world} worker(s)", flush=True)
+    fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "0") or 0)
+    marker = Path(config["train_dir"]) / ".injected_failure"
+    shard = ray.train.get_dataset_shard("train")
+    per_worker = max(1, cfg.train.batch_size // world)
+    shapes, text = config["shapes"], config["text"]
+    use_visual = cfg.model.use_visual and not config["full"] and objective.proj_coeff > 0
+    log_path = Path(config["train_dir"]) / "metrics.jsonl"
+    epoch, skip = int(position.get("epoch", 0)), int(position.get("index", 0))
+    t_last, imgs = time.perf_counter(), 0
+    while trainer.step < cfg.train.steps:
+        it = shard.iter_torch_batches(
+            batch_size=per_worker, drop_last=True,
+            local_shuffle_buffer_size=per_worker * SHUFFLE_BATCHES, local_shuffle_seed=cfg.train.seed + 7919 * epoch + rank,
+        )
+        index = 0
+        for raw in it:
+            if index < skip:
+                index += 1
+                continue
+            if fail_at and trainer.step == fail_at and rank == 0 and not marker.exists():
+                marker.write_text("injected")
+                raise RuntimeError(f"injected failure at step {fail_at} ({FAIL_AT_STEP_ENV})")
+            batch = _to_batch(raw, shapes, text, use_visual, cfg.train.hflip and not config["full"], trainer.generator)
+            metrics = trainer.train_step(batch)
+            index += 1
+            imgs += per_worker * world
+            last = trainer.step >= cfg.train.steps
+            do_log = trainer.step % cfg.train.log_every == 0 or last
+            do_ckpt = trainer.step % cfg.train.ckpt_every == 0 or last
+            if do_log or do_ckpt:
+                now = time.perf_counter()
+                metrics.update(epoch=epoch, images_per_s=imgs / max(now - t_last, 1e-9), skipped_steps=trainer.skipped_steps)
+                t_last, imgs = now, 0
+                if rank == 0:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(metrics) + "\n")
+                checkpoint = None
+                if do_ckpt and rank == 0:
+                    state = dict(trainer.state_dict(), data={"epoch": epoch, "index": index})
+                    path = save_checkpoint(ckpt_dir, trainer.step, trainer.module, trainer.ema.model, state, meta)
+                    prune_checkpoints(ckpt_dir, keep=config["keep"])
+                    checkpoint = Checkpoint.from_directory(str(path))
+                ray.train.report({k: float(v) for k, v in metrics.items()}, checkpoint=checkpoint)
+            if last:
+                break
+        epoch, skip = epoch + 1, 0
+
+
+# ------------------------------------------------------------------------------------
+# Entry points
+# ------------------------------------------------------------------------------------
+
+
+def fit(cfg: D2CConfig, train_dir: Path, full: bool) -> Path:
+    """Build the inputs and run the TorchTrainer; returns the latest checkpoint path."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from d2c.data.condensed import TENSOR_COLUMNS
+    from d2c.models.build import dit_kwargs
+    from d2c.train.checkpoint import latest_checkpoint
+    from d2c.train.trainer import ShapeMismatchError, check_shapes
+
+    inputs = full_inputs(cfg) if full else condensed_inputs(cfg)
+    shapes, text = inputs["shapes"], inputs["text"]
+    use_visual = cfg.model.use_visual and not full and "visual" in shapes
+    kwargs = dit_kwargs(
+        cfg,
+        inputs["num_classes"],
+        text_dim=None if (full or text is None) else int(text[0].shape[-1]),
+        proj_dim=int(shapes["visual"][-1]) if use_visual else None,
+    )
+    try:
+        check_shapes(kwargs, shapes, None if text is None else tuple(text[0].shape), None if text is None else tuple(text[1].shape),
+                     hflip=cfg.train.hflip and not full)
+    except ShapeMismatchError as err:
+        raise ConfigError(f"condensed set {cfg.condensed!r} does not fit the model: {err}") from None
+    train_dir.mkdir(parents=True, exist_ok=True)
+    latest = latest_checkpoint(train_dir / "checkpoints")
+    if latest is not None:
+        step = int(json.loads((latest / "model.json").read_text()).get("step", 0))
+        if step >= cfg.train.steps:
+            print(f"[d2c] train: {latest} is at step {step} >= train.steps={cfg.train.steps} — nothing to do", flush=True)
+            return latest
+    ds = inputs["dataset"]
+    keep_cols = ["label", "latent"] + [c for c in TENSOR_COLUMNS if c in shapes and c != "latent"]
+    ds = ds.select_columns([c for c in keep_cols if c in ds.schema().names])
+    print(f"[d2c] train: {inputs['rows']} rows, {inputs['num_classes']} classes, model {cfg.model.arch} "
+          f"{kwargs['hidden_size']}x{kwargs['depth']} (text {'on' if kwargs.get('text_dim') else 'off'}, "
+          f"REPA {'on' if kwargs.get('proj_dim') else 'off'}) -> {train_dir}", flush=True)
+    loop_config = {
+        "cfg": cfg.to_dict(),
+        "dit_kwargs": kwargs,
+        "shapes": shapes,
+        "text": text,
+        "full": full,
+        "train_dir": str(train_dir.resolve()),
+        "keep": max(2, RAY_CHECKPOINTS_KEPT),
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
+        run_config=RunConfig(
+            name="ray",
+            storage_path=str((train_dir / "ray_storage").resolve()),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=RAY_CHECKPOINTS_KEPT),
+        ),
+        datasets={"train": ds},
+    )
+    timer = StageTimer("train")
+    trainer.fit()
+    latest = latest_checkpoint(train_dir / "checkpoints")
+    timer.done(cfg.train.steps, f"latest checkpoint {latest}")
+    return latest
+
+
+def run_train(cfg: D2CConfig) -> int:
+    """``d2c train``: validate, then fit; returns a process exit code."""
+    check_paths(cfg, ("data",) if cfg.data.full else ())
+    init_ray(cfg)
+    quiet_data_context()
+    fit(cfg, train_dir_of(cfg), full=cfg.data.full)
+    return 0
+
+
+# ------------------------------------------------------------------------------------
+# The embedded scorer (trained from scratch, cached by its settings)
+# ------------------------------------------------------------------------------------
+
+
+def scorer_cache_root() -> Path:
+    return Path(os.environ.get("D2C_CACHE_DIR", Path.home() / ".cache" / "d2c")) / "scorers"
+
+
+def scorer_settings(cfg: D2CConfig) -> dict[str, Any]:
+    """What the embedded scorer depends on (its cache key)."""
+    return {
+        "data": {k: getattr(cfg.data, k) for k in ("source", "path", "split", "image_size", "channels", "preprocess", "max_per_class")},
+        "autoencoder": cfg.autoencoder.model_dump(),
+        "diffusion": cfg.diffusion.model_dump(),
+        "model": {k: getattr(cfg.model, k) for k in ("size", "hidden_size", "depth", "num_heads", "patch_size", "mlp_ratio", "class_dropout_prob")},
+        "steps": cfg.score.scorer_train_steps,
+        "train": {k: getattr(cfg.train, k) for k in ("batch_size", "lr", "beta1", "beta2", "weight_decay", "clip_norm", "ema_decay", "seed")},
+    }
+
+
+def scorer_config(cfg: D2CConfig, out: Path) -> D2CConfig:
+    """The config that trains the embedded scorer: DiT, ε-prediction, full data, no attach."""
+    raw = cfg.to_dict()
+    raw["data"]["full"] = True
+    raw["model"].update(arch="dit", learn_sigma=False, use_text=False, use_visual=False)
+    raw["train"].update(steps=cfg.score.scorer_train_steps, num_workers=1, hflip=False, proj_coeff=0.0,
+                        ckpt_every=max(1, cfg.score.scorer_train_steps // 4))
+    raw["train_dir"] = str(out)
+    return build_config(raw)
+
+
+def ensure_embedded_scorer(cfg: D2CConfig) -> Path:
+    """The cached embedded scorer for ``cfg`` — trained from scratch first if missing."""
+    settings = scorer_settings(cfg)
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    out = scorer_cache_root() / key
+    from d2c.train.checkpoint import latest_checkpoint
+
+    done = out / "_SUCCESS"
+    if done.is_file() and latest_checkpoint(out / "checkpoints") is not None:
+        print(f"[d2c] scorer: reusing the cached embedded scorer {out}", flush=True)
+        return out / "checkpoints"
+    print(f"[d2c] scorer: no score.scorer given — training the embedded scorer from scratch "
+          f"({cfg.score.scorer_train_steps} steps) into {out}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "settings.json").write_text(json.dumps(settings, indent=2, default=str))
+    init_ray(cfg)
+    quiet_data_context()
+    fit(scorer_config(cfg, out), out, full=True)
+    done.write_text("")
+    return out / "checkpoints"

@@ -1,0 +1,85 @@
+"""Per-image attach: latents and visual patch tokens, flip-consistent (METHOD.md, Visual).
+
+For every selected image this computes ``latent = E(x)`` and the vision encoder's tokens
+fitted to the diffusion transformer's token count h, and — when flips are on — the same
+for the horizontally flipped image, so that flip augmentation during training always
+sees the features of the image it trains on.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from d2c.config import D2CConfig
+from d2c.data.preprocess import to_model_tensor
+from d2c.models.encoders import Autoencoder, VisionEncoder, fit_tokens, load_autoencoder, load_vision_encoder
+from d2c.select.score import image_seed
+
+#: How encoder tokens are fitted to the model's token count (see d2c.models.encoders.tokens).
+TOKEN_FIT_MODE = "resize"
+
+
+def build_autoencoder(cfg: D2CConfig, device: str = "cpu") -> Autoencoder:
+    """The configured autoencoder (``autoencoder.*``)."""
+    return load_autoencoder(
+        cfg.autoencoder.kind,
+        cfg.autoencoder.path,
+        channels=cfg.data.channels,
+        scaling_factor=cfg.autoencoder.scaling_factor,
+        sample_posterior=cfg.autoencoder.sample_posterior,
+        device=device,
+    )
+
+
+def encode_latents(autoencoder: Autoencoder, images: np.ndarray, image_ids: Sequence[str], seed: int) -> torch.Tensor:
+    """uint8 [B, H, W, C] → latents float32 [B, c, h, w].
+
+    A sampled VAE posterior draws each image's noise from a generator seeded by
+    (seed, image_id), so a latent never depends on its batch.
+    """
+    x = to_model_tensor(images)
+    if not getattr(autoencoder, "sample_posterior", False):
+        return autoencoder.encode(x)
+    out = []
+    gen = torch.Generator(device="cpu")
+    for i, image_id in enumerate(image_ids):
+        gen.manual_seed(image_seed(seed, image_id))
+        out.append(autoencoder.encode(x[i : i + 1], generator=gen))
+    return torch.cat(out)
+
+
+class AttachEncoder:
+    """Latents + visual tokens (and their flipped versions) for a batch of images.
+
+    Args:
+        cfg: the run's config (autoencoder, attach.vision, model token count).
+        device: where the encoders run.
+    """
+
+    def __init__(self, cfg: D2CConfig, device: str = "cpu"):
+        self.cfg = cfg
+        self.flip = cfg.attach.flip
+        self.seed = cfg.score.seed
+        self.autoencoder = build_autoencoder(cfg, device)
+        self.vision: Optional[VisionEncoder] = None
+        if cfg.attach.vision.encoder != "none" and cfg.model.use_visual:
+            v = cfg.attach.vision
+            self.vision = load_vision_encoder(v.encoder, v.path, v.image_size, device=device)
+        self.num_tokens = cfg.num_tokens
+
+    def __call__(self, images: np.ndarray, image_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """uint8 [B, H, W, C] → {latent [B,c,h,w] f32, visual [B,h,d] f16, and *_flip}."""
+        out: dict[str, np.ndarray] = {}
+        variants = [("", images)]
+        if self.flip:
+            variants.append(("_flip", np.ascontiguousarray(images[:, :, ::-1])))
+        for suffix, imgs in variants:
+            out["latent" + suffix] = encode_latents(self.autoencoder, imgs, image_ids, self.seed).cpu().numpy()
+            if self.vision is not None:
+                chw = torch.from_numpy(np.ascontiguousarray(imgs.transpose(0, 3, 1, 2)))
+                tokens = fit_tokens(self.vision.encode(chw), self.num_tokens, TOKEN_FIT_MODE)
+                out["visual" + suffix] = tokens.cpu().numpy().astype(np.float16)
+        return out

@@ -1,0 +1,178 @@
+"""`d2c condense` on Ray Data, end to end on real Fashion-MNIST rows (tiny sizes)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from app.condense import RunDir, run_condense
+from d2c.attach.text import load_text_embeddings
+from d2c.config import ConfigError, load_config
+from d2c.data.condensed import read_condensed
+from d2c.diffusion.ddpm import DDPMSchedule
+from d2c.models.build import build_model
+from d2c.select.interval import select_table
+from d2c.select.score import difficulty_scores, stratified_timesteps
+from d2c.train.checkpoint import checkpoint_meta, load_model, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+pytestmark = pytest.mark.skipif(not FMNIST.is_dir(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+
+TINY_MODEL = dict(input_size=32, patch_size=8, in_channels=1, hidden_size=32, depth=2, num_heads=2,
+                  class_dropout_prob=0.1, num_classes=10, learn_sigma=False)
+
+
+@pytest.fixture(scope="module")
+def scorer_ckpt(tmp_path_factory):
+    """A tiny DiT scorer in our checkpoint format (random weights: enough to rank images)."""
+    torch.manual_seed(0)
+    model = build_model(TINY_MODEL)
+    for p in model.parameters():  # adaLN-Zero starts at a constant output; perturb it
+        if p.requires_grad:
+            p.data.add_(0.02 * torch.randn_like(p))
+    d = tmp_path_factory.mktemp("scorer") / "checkpoints"
+    meta = checkpoint_meta("dit", TINY_MODEL, {"arch": "dit", "prediction": "eps", "num_timesteps": 1000}, {})
+    return str(save_checkpoint(d, 0, model, model, {"step": 0}, meta))
+
+
+def _cfg(run_dir, scorer, *extra):
+    return load_config(
+        ROOT / "configs" / "embedded.yaml",
+        [f"run_dir={run_dir}", f"score.scorer={scorer}", "data.max_per_class=12", "select.budget=30", "select.k=3",
+         "score.num_timesteps=2", "score.batch_size=16", "score.forward_rows=32", "score.shard_rows=40", "attach.vision.batch_size=16",
+         "model.patch_size=8", *extra],
+    )
+
+
+@pytest.fixture(scope="module")
+def condensed_run(ray_session, scorer_ckpt, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    cfg = _cfg(run, scorer_ckpt)
+    assert run_condense(cfg) == 0
+    return run, cfg
+
+
+def test_outputs_exist_and_match_the_contract(condensed_run):
+    run, cfg = condensed_run
+    r = RunDir(run)
+    scores = pd.read_parquet(r.scores)
+    assert len(scores) == 120 and list(scores.columns) == ["image_id", "label", "score", "score_t"]
+    assert scores.image_id.is_unique and set(scores.label) == set(range(10))
+    assert all(len(t) == 2 for t in scores.score_t)
+    np.testing.assert_allclose(scores.score, [np.mean(t) for t in scores.score_t], rtol=1e-6)
+    sel = pd.read_parquet(r.selection / "selection.parquet")
+    assert len(sel) == 30 and (sel.groupby("label").size() == 3).all()
+    # the selection equals interval sampling recomputed independently from RUN/scores
+    ref, _ = select_table(scores[["image_id", "label", "score"]], budget=30, method="d2c", k=3)
+    assert sel.image_id.tolist() == ref.image_id.tolist()
+    assert sel["rank"].tolist() == [0, 3, 6] * 10
+    data = read_condensed(r.condensed)
+    assert sorted(data["image_id"]) == sorted(sel.image_id)
+    assert data["latent"].shape == (30, 1, 32, 32) and data["latent_flip"].shape == (30, 1, 32, 32)
+    assert data["visual"].shape == (30, 16, 1280) and data["visual"].dtype == np.float16
+    # flip consistency: the flipped latent is the mirror image of the latent (identity autoencoder)
+    np.testing.assert_array_equal(data["latent_flip"], data["latent"][..., ::-1])
+    assert not np.allclose(data["visual_flip"], data["visual"])
+    emb, mask, names, _ = load_text_embeddings(r.text)
+    assert emb.shape == (10, 16, 384) and mask.shape == (10, 16) and names[0] == "T-shirt/top"
+    manifest = json.loads(r.manifest.read_text())
+    assert manifest["rows"] == {"listed": 120, "rejected": 0, "scored": 120, "selected": 30}
+    assert manifest["per_class"][0]["k_used"] == 3 and manifest["clamped_classes"] == []
+    assert manifest["versions"]["ray"] == "2.60.0"
+
+
+def test_scores_equal_a_plain_pytorch_computation(condensed_run, scorer_ckpt):
+    run, cfg = condensed_run
+    from d2c.data.fashion_mnist import list_fashion_mnist
+    from d2c.data.preprocess import pad_to, to_model_tensor
+
+    rows = list_fashion_mnist(None, "train", 12)[:20]
+    x = to_model_tensor(np.stack([pad_to(r["image"], 32) for r in rows]))
+    model, _ = load_model(scorer_ckpt)
+    model.eval()
+    ref = difficulty_scores(model, x, torch.tensor([r["label"] for r in rows]), [r["image_id"] for r in rows],
+                            DDPMSchedule().alphas_cumprod, stratified_timesteps(2), seed=cfg.score.seed).mean(1)
+    got = pd.read_parquet(RunDir(run).scores).set_index("image_id").loc[[r["image_id"] for r in rows], "score"]
+    np.testing.assert_allclose(got.to_numpy(), ref.numpy(), rtol=1e-5)
+
+
+def test_rerun_is_a_noop_and_changed_scoring_is_refused(condensed_run, capsys, scorer_ckpt):
+    run, cfg = condensed_run
+    before = {p: p.read_bytes() for p in sorted(RunDir(run).scores.glob("*.parquet"))}
+    assert run_condense(cfg) == 0
+    out = capsys.readouterr().out
+    assert "reused, nothing to score" in out and "selection: complete" in out and "attach: complete" in out
+    assert before == {p: p.read_bytes() for p in sorted(RunDir(run).scores.glob("*.parquet"))}
+    with pytest.raises(ConfigError, match="num_timesteps: 2 -> 3"):
+        run_condense(_cfg(run, scorer_ckpt, "score.num_timesteps=3"))
+
+
+def test_deterministic_across_actors_batches_and_a_killed_run(condensed_run, scorer_ckpt, tmp_path):
+    run, _ = condensed_run
+    ref = pd.read_parquet(RunDir(run).scores).sort_values("image_id").reset_index(drop=True)
+    other = tmp_path / "other"
+    cfg = _cfg(other, scorer_ckpt, "score.batch_size=7", "score.min_actors=2", "score.max_actors=2")
+    assert run_condense(cfg) == 0
+    got = pd.read_parquet(RunDir(other).scores).sort_values("image_id").reset_index(drop=True)
+    pd.testing.assert_frame_equal(got[["image_id", "label"]], ref[["image_id", "label"]])
+    np.testing.assert_array_equal(got.score, ref.score)  # bitwise: every forward pass has 32 rows
+    # a run killed mid-scoring: drop one shard file, rerun, get identical files back
+    victim = RunDir(other).score_shard(1)
+    original = victim.read_bytes()
+    victim.unlink()
+    (RunDir(other).scores / "_SUCCESS").unlink()
+    assert run_condense(cfg) == 0
+    assert victim.read_bytes() == original
+    sel_a = pd.read_parquet(RunDir(run).selection / "selection.parquet")
+    sel_b = pd.read_parquet(RunDir(other).selection / "selection.parquet")
+    assert sel_a.image_id.tolist() == sel_b.image_id.tolist()
+
+
+def _imagefolder(root: Path) -> None:
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        d = root / f"n0000000{c}"
+        d.mkdir(parents=True)
+        if c == 2:
+            continue  # a planted empty class
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (40, 36, 3), dtype=np.uint8)).save(d / f"img{i}.png")
+    (root / "n00000000" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+
+
+def test_corrupt_image_and_empty_class(ray_session, tmp_path):
+    data = tmp_path / "data"
+    _imagefolder(data)
+    model = dict(TINY_MODEL, in_channels=3, num_classes=3)
+    torch.manual_seed(0)
+    net = build_model(model)
+    ckpt = save_checkpoint(tmp_path / "scorer", 0, net, net, {"step": 0},
+                           checkpoint_meta("dit", model, {"arch": "dit", "num_timesteps": 1000}, {}))
+    overrides = [f"run_dir={tmp_path / 'run'}", f"score.scorer={ckpt}", "data.source=imagefolder", f"data.path={data}",
+                 "data.channels=3", "data.preprocess=center_crop", "select.budget=6", "select.k=2", "score.num_timesteps=2",
+                 "model.patch_size=8", "attach.vision.batch_size=8", "attach.text.encoder=none", "model.use_text=false"]
+    cfg = load_config(ROOT / "configs" / "embedded.yaml", overrides)
+    assert run_condense(cfg) == 0
+    r = RunDir(tmp_path / "run")
+    rejects = pd.read_parquet(r.rejects)
+    assert rejects.image_id.tolist() == ["n00000000/corrupt.jpg"] and "corrupt" in rejects.reason[0]
+    manifest = json.loads(r.manifest.read_text())
+    assert manifest["rows"]["rejected"] == 1 and manifest["rows"]["scored"] == 12
+    assert manifest["per_class"][2]["note"] == "empty class"
+    assert any("empty" in n for n in manifest["notes"])
+    assert len(pd.read_parquet(r.selection / "selection.parquet")) == 4
+    with pytest.raises(ConfigError, match="empty"):
+        run_condense(load_config(ROOT / "configs" / "embedded.yaml", overrides + ["select.shortfall=error", f"run_dir={tmp_path / 'r2'}"]))
+
+
+def test_bad_budget_fails_before_work(ray_session, scorer_ckpt, tmp_path):
+    with pytest.raises(ConfigError, match="select.budget=35 does not split evenly"):
+        run_condense(_cfg(tmp_path, scorer_ckpt, "select.budget=35"))
+    assert not (tmp_path / "scores").exists()
