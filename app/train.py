@@ -30,6 +30,8 @@ from d2c.config import ConfigError, D2CConfig, build_config, check_paths
 
 #: Environment variable for fault-injection tests: the worker of rank 0 raises once at this step.
 FAIL_AT_STEP_ENV = "D2C_INJECT_FAILURE_AT_STEP"
+#: Start/restore events of the workers (one JSON line each), beside metrics.jsonl.
+EVENTS_FILE = "events.jsonl"
 #: Checkpoints Ray Train keeps in its own storage (ours are pruned separately).
 RAY_CHECKPOINTS_KEPT = 2
 #: Rows kept in the local shuffle buffer of each worker's batch iterator, in batches.
@@ -184,8 +186,9 @@ def train_loop_per_worker(config: dict) -> None:
         position = trainer.restore(load_checkpoint(path, map_location=device)) or position
         source = str(path)
     if rank == 0:
-        print(f"[d2c] train: {'resumed at step ' + str(trainer.step) + ' from ' + source if source else 'starting at step 0'}; "
-              f"target {cfg.train.steps} steps, {world} worker(s)", flush=True)
+        event = {"event": "restore" if source else "start", "step": trainer.step, "source": source, "workers": world, "time": time.time()}
+        with open(Path(config["train_dir"]) / EVENTS_FILE, "a") as f:
+            f.write(json.dumps(event) + "\n")
     fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "0") or 0)
     marker = Path(config["train_dir"]) / ".injected_failure"
     shard = ray.train.get_dataset_shard("train")
@@ -270,6 +273,7 @@ def fit(cfg: D2CConfig, train_dir: Path, full: bool) -> Path:
         if step >= cfg.train.steps:
             print(f"[d2c] train: {latest} is at step {step} >= train.steps={cfg.train.steps} — nothing to do", flush=True)
             return latest
+        print(f"[d2c] train: resuming at step {step} from {latest}", flush=True)
     ds = inputs["dataset"]
     keep_cols = ["label", "latent"] + [c for c in TENSOR_COLUMNS if c in shapes and c != "latent"]
     ds = ds.select_columns([c for c in keep_cols if c in ds.schema().names])
@@ -294,6 +298,7 @@ def fit(cfg: D2CConfig, train_dir: Path, full: bool) -> Path:
             storage_path=str((train_dir / "ray_storage").resolve()),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=RAY_CHECKPOINTS_KEPT),
+            worker_runtime_env={"env_vars": {FAIL_AT_STEP_ENV: os.environ[FAIL_AT_STEP_ENV]}} if os.environ.get(FAIL_AT_STEP_ENV) else None,
         ),
         datasets={"train": ds},
     )
@@ -307,6 +312,11 @@ def fit(cfg: D2CConfig, train_dir: Path, full: bool) -> Path:
 def run_train(cfg: D2CConfig) -> int:
     """``d2c train``: validate, then fit; returns a process exit code."""
     check_paths(cfg, ("data",) if cfg.data.full else ())
+    if not cfg.data.full:
+        if not cfg.condensed:
+            raise ConfigError("condensed is required: pass condensed=RUN/condensed (or data.full=true to train on the raw data)")
+        if not Path(cfg.condensed).is_dir():
+            raise ConfigError(f"condensed: {cfg.condensed!r} does not exist; run `d2c condense` first")
     init_ray(cfg)
     quiet_data_context()
     fit(cfg, train_dir_of(cfg), full=cfg.data.full)

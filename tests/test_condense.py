@@ -20,44 +20,9 @@ from d2c.models.build import build_model
 from d2c.select.interval import select_table
 from d2c.select.score import difficulty_scores, stratified_timesteps
 from d2c.train.checkpoint import checkpoint_meta, load_model, save_checkpoint
+from conftest import TINY_MODEL, tiny_cfg as _cfg
 
 ROOT = Path(__file__).resolve().parents[1]
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-pytestmark = pytest.mark.skipif(not FMNIST.is_dir(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-
-TINY_MODEL = dict(input_size=32, patch_size=8, in_channels=1, hidden_size=32, depth=2, num_heads=2,
-                  class_dropout_prob=0.1, num_classes=10, learn_sigma=False)
-
-
-@pytest.fixture(scope="module")
-def scorer_ckpt(tmp_path_factory):
-    """A tiny DiT scorer in our checkpoint format (random weights: enough to rank images)."""
-    torch.manual_seed(0)
-    model = build_model(TINY_MODEL)
-    for p in model.parameters():  # adaLN-Zero starts at a constant output; perturb it
-        if p.requires_grad:
-            p.data.add_(0.02 * torch.randn_like(p))
-    d = tmp_path_factory.mktemp("scorer") / "checkpoints"
-    meta = checkpoint_meta("dit", TINY_MODEL, {"arch": "dit", "prediction": "eps", "num_timesteps": 1000}, {})
-    return str(save_checkpoint(d, 0, model, model, {"step": 0}, meta))
-
-
-def _cfg(run_dir, scorer, *extra):
-    return load_config(
-        ROOT / "configs" / "embedded.yaml",
-        [f"run_dir={run_dir}", f"score.scorer={scorer}", "data.max_per_class=12", "select.budget=30", "select.k=3",
-         "score.num_timesteps=2", "score.batch_size=16", "score.forward_rows=32", "score.shard_rows=40", "attach.vision.batch_size=16",
-         "model.patch_size=8", *extra],
-    )
-
-
-@pytest.fixture(scope="module")
-def condensed_run(ray_session, scorer_ckpt, tmp_path_factory):
-    run = tmp_path_factory.mktemp("run")
-    cfg = _cfg(run, scorer_ckpt)
-    assert run_condense(cfg) == 0
-    return run, cfg
-
 
 def test_outputs_exist_and_match_the_contract(condensed_run):
     run, cfg = condensed_run
