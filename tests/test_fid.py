@@ -49,6 +49,9 @@ from d2c.eval.inception import (
     torchscript_path,
 )
 
+# The test loads the TorchScript itself too (torch 2.x deprecates, but keeps, torch.jit.load).
+pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.load.*deprecated:FutureWarning")
+
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 IDX_IMAGE_HEADER = 16
 IDX_LABEL_HEADER = 8
@@ -257,7 +260,9 @@ def test_features_equal_the_raw_torchscript_and_the_registered_extractor(data, f
     x = interpolate_bilinear_2d_like_tensorflow1x(_nchw(imgs).float(), size=(299, 299), align_corners=False)
     with torch.no_grad():
         want = raw((x - 128) / 128).numpy()
-        registered = create_feature_extractor(EXTRACTOR_NAME, [FEATURE_POOL, FEATURE_SPATIAL], cuda=False, verbose=False)
+        registered = create_feature_extractor(
+            EXTRACTOR_NAME, [FEATURE_POOL, FEATURE_SPATIAL], cuda=False, verbose=False
+        )
         pool, spatial = registered(_nchw(imgs))
     assert want.shape == (N_SMALL, POOL_DIM)
     np.testing.assert_allclose(pool.numpy(), want, atol=FEATURE_ATOL, rtol=0)
@@ -382,7 +387,9 @@ def test_precision_recall(feats):
 def test_inception_score_matches_torch_fidelity():
     logits = np.random.default_rng(0).normal(scale=3.0, size=(IS_N, LOGITS_DIM))
     mean, std = inception_score(logits, splits=IS_SPLITS_TEST)
-    theirs = isc_features_to_metric(torch.from_numpy(logits), splits=IS_SPLITS_TEST, shuffle=True, rng_seed=DEFAULT_SEED)
+    theirs = isc_features_to_metric(
+        torch.from_numpy(logits), splits=IS_SPLITS_TEST, shuffle=True, rng_seed=DEFAULT_SEED
+    )
     assert mean == pytest.approx(theirs["inception_score_mean"], rel=1e-12)
     assert std == pytest.approx(theirs["inception_score_std"], rel=1e-9)
     assert inception_score(np.zeros((IS_N, LOGITS_DIM)))[0] == pytest.approx(1.0)  # uniform: IS = 1

@@ -89,8 +89,9 @@ NPZ_N = "n"
 NPZ_N_SPATIAL = "n_s"
 NPZ_KEY = "key"
 NPZ_EXTRACTOR_ID = "extractor_id"
-#: Cache file name prefix.
+#: Cache file name prefix and permissions.
 CACHE_PREFIX = "ref-"
+CACHE_FILE_MODE = 0o644
 
 #: torch-fidelity result keys -> this module's keys.
 _FIDELITY_KEYS = {
@@ -241,9 +242,10 @@ def kid(
     for i in range(subsets):
         xs = x[rng.choice(len(x), subset_size, replace=False)]
         ys = y[rng.choice(len(y), subset_size, replace=False)]
-        mmds[i] = mmd2_unbiased(
-            polynomial_kernel(xs, xs, **kernel), polynomial_kernel(xs, ys, **kernel), polynomial_kernel(ys, ys, **kernel)
-        )
+        k_xx = polynomial_kernel(xs, xs, **kernel)
+        k_xy = polynomial_kernel(xs, ys, **kernel)
+        k_yy = polynomial_kernel(ys, ys, **kernel)
+        mmds[i] = mmd2_unbiased(k_xx, k_xy, k_yy)
     return float(mmds.mean()), float(mmds.std())
 
 
@@ -252,7 +254,8 @@ def kid(
 # ---------------------------------------------------------------------------
 def _knn_radii(x: torch.Tensor, k: int, row_block: int) -> torch.Tensor:
     """Distance of each row of x ``[N, D]`` to its k-th nearest other row -> ``[N]``."""
-    return torch.cat([torch.cdist(x[s : s + row_block], x).kthvalue(k + 1, dim=1).values for s in range(0, len(x), row_block)])
+    blocks = [torch.cdist(x[s : s + row_block], x).kthvalue(k + 1, dim=1).values for s in range(0, len(x), row_block)]
+    return torch.cat(blocks)
 
 
 def _inside_share(queries: torch.Tensor, points: torch.Tensor, radii: torch.Tensor, row_block: int) -> float:
@@ -327,7 +330,7 @@ def compute_metrics(
     is_splits: int = IS_SPLITS,
     seed: int = DEFAULT_SEED,
     fid_method: FidMethod = "sqrtm",
-) -> dict[str, float]:
+) -> dict[str, float | int]:
     """FID, KID, precision, recall (and sFID, IS when their inputs are given).
 
     Args:
@@ -351,15 +354,15 @@ def compute_metrics(
     stats_gen = FeatureStats.from_features(feats_gen)
     if stats_ref is None:
         stats_ref = FeatureStats.from_features(feats_ref)
-    out: dict[str, float] = {
+    out: dict[str, float | int] = {
         "fid": frechet_distance(stats_gen, stats_ref, method=fid_method),
-        "n_gen": float(len(feats_gen)),
-        "n_ref": float(len(feats_ref) if feats_ref is not None else (stats_ref.n or 0)),
+        "n_gen": len(feats_gen),
+        "n_ref": len(feats_ref) if feats_ref is not None else (stats_ref.n or 0),
     }
     if feats_ref is not None:
         size = min(kid_subset_size, len(feats_gen), len(feats_ref))
         out["kid_mean"], out["kid_std"] = kid(feats_gen, feats_ref, kid_subsets, size, seed=seed)
-        out["kid_subset_size"] = float(size)
+        out["kid_subset_size"] = size
         out["precision"], out["recall"] = precision_recall(feats_gen, feats_ref, k=prc_k)
     if spatial_gen is not None and spatial_ref is not None:
         s_ref = spatial_ref if isinstance(spatial_ref, FeatureStats) else FeatureStats.from_features(spatial_ref)
@@ -429,6 +432,7 @@ def _atomic_savez(path: str, arrays: dict[str, np.ndarray]) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
+        os.chmod(tmp, CACHE_FILE_MODE)  # mkstemp makes 0600; cached stats are shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -510,7 +514,9 @@ def _stats_from_npz(z, path: str) -> ReferenceStats:
         mu = np.asarray(z[mu_name], dtype=np.float64)
         sigma = np.asarray(z[sigma_name], dtype=np.float64)
         if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-            raise ValueError(f"{path}: '{mu_name}' must be [D] and '{sigma_name}' [D, D]; got {mu.shape}, {sigma.shape}")
+            raise ValueError(
+                f"{path}: '{mu_name}' must be [D] and '{sigma_name}' [D, D]; got {mu.shape}, {sigma.shape}"
+            )
         return FeatureStats(mu, sigma, int(z[n_name]) if n_name in z.files else None)
 
     pool = stats(NPZ_MU, NPZ_SIGMA, NPZ_N)
@@ -627,7 +633,9 @@ def compute_metrics_torch_fidelity(
     import torch_fidelity
 
     if isc and feature_extractor != FIDELITY_EXTRACTOR_NAME:
-        raise ValueError(f"isc needs a classifier head: use feature_extractor={FIDELITY_EXTRACTOR_NAME!r} + weights_path")
+        raise ValueError(
+            f"isc needs a classifier head: use feature_extractor={FIDELITY_EXTRACTOR_NAME!r} with weights_path"
+        )
     if feature_extractor == FIDELITY_EXTRACTOR_NAME and weights_path is None:
         raise ValueError(f"{FIDELITY_EXTRACTOR_NAME!r} offline needs weights_path (it would download otherwise)")
     device = device or default_device()

@@ -49,6 +49,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -250,7 +251,9 @@ class InceptionTorchScript(nn.Module):
     def __init__(self, path: str | None = None):
         super().__init__()
         self.path = path or torchscript_path()
-        script = torch.jit.load(self.path, map_location="cpu")
+        with warnings.catch_warnings():  # torch 2.x: "torch.jit.load is deprecated" (it still works)
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*deprecated", category=FutureWarning)
+            script = torch.jit.load(self.path, map_location="cpu")
         script.eval()
         self.script = script
         self.layers = script.net.layers
