@@ -73,6 +73,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if args.command == "report":
             return int(_resolve("report")(args.runs, out=args.out) or 0)
+        if args.command == "demo" and args.config is None:
+            from app.demo import DEFAULT_CONFIG
+
+            args.config = str(DEFAULT_CONFIG)
         cfg: D2CConfig = load_config(args.config, args.overrides)
         if args.command == "config":
             sys.stdout.write(dump_config(cfg))

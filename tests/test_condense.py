@@ -141,3 +141,21 @@ def test_bad_budget_fails_before_work(ray_session, scorer_ckpt, tmp_path):
     with pytest.raises(ConfigError, match="select.budget=35 does not split evenly"):
         run_condense(_cfg(tmp_path, scorer_ckpt, "select.budget=35"))
     assert not (tmp_path / "scores").exists()
+
+
+def test_reuse_scores_for_a_baseline(condensed_run, tmp_path, capsys, scorer_ckpt):
+    run, _ = condensed_run
+    cfg = _cfg(tmp_path / "random", "null", f"score.reuse_from={run}", "select.method=random",
+               "attach.vision.encoder=none", "attach.text.encoder=none", "model.use_text=false", "model.use_visual=false")
+    assert run_condense(cfg) == 0
+    assert "reusing" in capsys.readouterr().out
+    r = RunDir(tmp_path / "random")
+    assert not r.scores.exists()
+    sel = pd.read_parquet(r.selection / "selection.parquet")
+    assert len(sel) == 30 and set(sel.method) == {"random"}
+    data = read_condensed(r.condensed)
+    assert set(data) == {"image_id", "label", "latent", "latent_flip"}
+    manifest = json.loads(r.manifest.read_text())
+    assert manifest["scores_dir"] == str(RunDir(run).scores) and manifest["scorer"] == scorer_ckpt
+    with pytest.raises(ConfigError, match="scored another listing"):
+        run_condense(_cfg(tmp_path / "x", scorer_ckpt, f"score.reuse_from={run}", "data.max_per_class=11"))

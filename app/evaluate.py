@@ -1,0 +1,752 @@
+"""``d2c evaluate``: class-balanced samples of a checkpoint → FID / sFID / KID / precision / recall.
+
+    reference (dataset split or ADM .npz) ─► decode (CPU) ─► Inception pool ─► cached features + stats
+    range(chunks) ─► sampling actor pool (EMA model, sampler, CFG, decoder) ─► Inception actor pool
+      ─► driver: images + features ─► metrics (d2c.eval.fid) ─► EVAL/metrics.json, samples.npz, grids/
+
+* Sampling and Inception feature extraction are Ray Data actor pools (``eval.min_actors`` /
+  ``max_actors`` / ``num_gpus`` and ``eval.inception_*``), so FID-50K spreads over a cluster.
+  The N samples are cut into chunks of ``eval.batch_size`` (one Ray row each); sample i's
+  label and noise depend on i alone (:mod:`d2c.eval.sampling`), never on which actor drew it.
+* ``checkpoint=`` is a ``step-*`` directory, a checkpoints directory (its newest step) or a train
+  directory holding ``checkpoints/``. The EMA weights are used.
+* Reference: ``eval.reference=test|train`` takes ``eval.reference_size`` class-balanced images of
+  that split of ``data.*`` (the first ones of each class in source order, preprocessed like the
+  training data); ``eval.reference=FILE.npz`` is an ADM reference batch (``mu``/``sigma`` give
+  FID/sFID as ADM computes them; its ``arr_0`` images, when present, give KID and
+  precision/recall). Reference features and statistics are cached under
+  ``$D2C_CACHE_DIR/eval-reference`` (default ``~/.cache/d2c``) by a hash of the reference's
+  content and the Inception id, so they are computed once.
+* Skip: an EVAL directory complete for the same settings is reused (and says so); one made
+  with other settings is refused.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from app.ray_session import init_ray, quiet_data_context
+from app.stages import StageSettingsError, StageTimer, check_settings, decoded, listing_table, table_blocks, write_json_atomic
+from d2c.config import ConfigError, D2CConfig, DataConfig, build_config, check_model_path
+
+#: Format tag of metrics.json.
+EVAL_FORMAT = "d2c-eval-v1"
+METRICS_FILE = "metrics.json"
+SAMPLES_FILE = "samples.npz"
+GRIDS_DIR = "grids"
+SETTINGS_FILE = "_settings.json"
+#: Environment variable of the cache root, and its default.
+CACHE_ENV = "D2C_CACHE_DIR"
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "d2c"
+#: Subdirectory of the cache root holding reference features and statistics.
+REFERENCE_CACHE_SUBDIR = "eval-reference"
+#: Version of the reference cache key (bump when what the key covers changes).
+REFERENCE_KEY_VERSION = "d2c-reference-v1"
+#: Hex digits of the key in cache file names.
+CACHE_NAME_CHARS = 32
+#: Arrays stored in a reference cache file beside ADM's mu/sigma/mu_s/sigma_s.
+NPZ_POOL_FEATURES = "pool_features"
+NPZ_SPATIAL_FEATURES = "spatial_features"
+NPZ_REF_LABELS = "labels"
+#: torch-fidelity's Inception weights are a .pth file; anything else is a TorchScript.
+FIDELITY_WEIGHTS_SUFFIX = ".pth"
+#: Reference values of eval.reference that name a split of data.*.
+SPLIT_REFERENCES = ("test", "train")
+#: Sources with a test split.
+SOURCES_WITH_TEST_SPLIT = ("fashion_mnist",)
+#: The marker the sqrtm route of the FID raises for an imaginary square root.
+SQRTM_IMAGINARY_MARKER = "imaginary component"
+
+#: How every number in metrics.json is produced (the key is the number's dotted path; a list's
+#: entries share the list's entry).
+HOW: dict[str, str] = {
+    "fid": "Fréchet distance |mu_g - mu_r|^2 + tr(S_g + S_r - 2 sqrt(S_g S_r)) between Gaussian fits of Inception-v3 "
+    "pool_3 features (2048-d, TF 2015-12-05 weights, TF1 bilinear resize to 299 px) of the N samples and of the "
+    "reference; covariances np.cov (N - 1); square root by metric_settings.fid_method_used",
+    "sfid": "the same distance on ADM's spatial features (mixed_6/conv, first 7 channels, 17x17x7 = 2023-d)",
+    "kid_mean": "Kernel Inception Distance: unbiased MMD^2 with the kernel (x.y/2048 + 1)^3 on pool_3 features, mean over "
+    "metric_settings.kid_subsets random subsets of kid_subset_size from each set (numpy RandomState(metric_seed))",
+    "kid_std": "standard deviation of the per-subset MMD^2 values behind kid_mean",
+    "kid_subset_size": "images per KID subset: min(1000, N samples, N reference)",
+    "precision": "improved precision (Kynkäänniemi et al. 2019): share of samples inside the union of k-NN balls "
+    "(k = metric_settings.prc_k) of the reference pool_3 features",
+    "recall": "improved recall: share of reference images inside the union of k-NN balls of the samples' features",
+    "is_mean": "Inception Score (torch-fidelity): exp(E KL(p(y|x) || p(y))) over the 1008 unbiased logits, mean over 10 splits",
+    "is_std": "standard deviation of the Inception Score over its 10 splits",
+    "n_gen": "samples the metrics were computed on",
+    "n_ref": "reference images (or the count stored with the reference statistics) behind the reference statistics",
+    "num_samples": "samples drawn (eval.num_samples); sample i has class i mod num_classes",
+    "num_classes": "classes of the model (its label table without the null class)",
+    "samples_per_class": "samples of each class: N // C, plus one for the first N mod C classes",
+    "steps": "eval.steps: respaced DDPM/DDIM steps, Heun steps (ODE) or model evaluations (SDE)",
+    "cfg_scale": "eval.cfg_scale: classifier-free guidance scale (1 = none); null label + zero text for the unconditional half",
+    "guidance_interval": "eval.guidance_interval: [lo, hi] fractions of the trajectory (0 = data, 1 = noise) where CFG applies",
+    "seed": "eval.seed: sample i draws its noise from a generator seeded by sha256(seed, i)",
+    "sampling.steps": "as steps",
+    "sampling.cfg_scale": "as cfg_scale",
+    "sampling.seed": "as seed",
+    "sampling.batch_size": "eval.batch_size: samples per model batch (the last padded to it)",
+    "sampling.model_evaluations_per_sample": "network calls per sample (ODE Heun: 2 steps - 1; others: steps); "
+    "CFG doubles the rows of calls inside the guidance interval",
+    "sampling.guidance_interval_model_units": "the guidance interval in the model's time units "
+    "(DiT: original timestep index = fraction x (T - 1); SiT: t)",
+    "sampling.timesteps_used": "original DDPM timestep indices the respaced schedule visits (ADM respacing str(steps))",
+    "sampling.ddim_eta": "DDIM eta (0 = deterministic DDIM)",
+    "sampling.sde_last_step_size": "size of SiT's final noise-free Euler step (t = 0.04 -> 0)",
+    "checkpoint.step": "training step of the evaluated checkpoint (its model.json)",
+    "reference.size": "reference images used (eval.reference_size for a dataset split; arr_0's count for an ADM .npz)",
+    "reference.per_class": "reference images of each class (the first ones in source order)",
+    "reference.rejected": "reference images that failed to decode and were left out",
+    "metric_settings.kid_subsets": "number of KID subsets (torch-fidelity's default)",
+    "metric_settings.prc_k": "k of the k-NN balls of precision/recall",
+    "metric_settings.metric_seed": "seed of the KID subset draws (torch-fidelity's default)",
+    "timing.reference_s": "wall seconds to get the reference statistics (near 0 on a cache hit)",
+    "timing.sampling_and_features_s": "wall seconds of the Ray pipeline: sampling actors -> Inception actors -> driver",
+    "timing.samples_per_s": "num_samples / timing.sampling_and_features_s",
+    "timing.metrics_s": "wall seconds to compute the metrics from the features",
+    "timing.total_s": "wall seconds of the whole evaluate run",
+}
+
+
+def cache_root() -> Path:
+    """``$D2C_CACHE_DIR`` or ``~/.cache/d2c``."""
+    return Path(os.environ.get(CACHE_ENV, DEFAULT_CACHE_DIR))
+
+
+def eval_dir_of(cfg: D2CConfig) -> Path:
+    """``eval_dir``, default ``run_dir/eval``."""
+    return Path(cfg.eval_dir) if cfg.eval_dir else Path(cfg.run_dir) / "eval"
+
+
+# ------------------------------------------------------------------------------------
+# Validation: checkpoint, text embeddings, settings (before any work starts)
+# ------------------------------------------------------------------------------------
+
+
+def resolve_eval_checkpoint(value: Optional[str]) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint ``checkpoint=`` names: a step dir, a checkpoints dir, or a train dir.
+
+    Returns:
+        (the ``step-*`` directory, its model.json).
+    Raises:
+        ConfigError: naming the key ``checkpoint`` when it is unset, missing or not a checkpoint.
+    """
+    from d2c.train.checkpoint import CheckpointError, read_meta, resolve_checkpoint
+
+    if not value:
+        raise ConfigError(
+            "checkpoint is required: pass checkpoint=TRAIN_DIR (or its checkpoints/ directory, or one step-* directory)"
+        )
+    p = Path(value).expanduser()
+    if not p.exists():
+        raise ConfigError(f"checkpoint: {value!r} does not exist; point checkpoint= at a train dir or a step-* checkpoint")
+    if (p / "checkpoints").is_dir() and not (p / "model.json").is_file():
+        p = p / "checkpoints"
+    try:
+        ckpt = resolve_checkpoint(p)
+        meta = read_meta(ckpt)
+    except (CheckpointError, json.JSONDecodeError) as err:
+        raise ConfigError(f"checkpoint: {value!r} is not a usable d2c checkpoint: {err}") from None
+    for key in ("arch", "dit_kwargs", "diffusion"):
+        if key not in meta:
+            raise ConfigError(f"checkpoint: {str(ckpt)!r}'s model.json lacks {key!r}; it was not written by d2c train")
+    return ckpt, meta
+
+
+def text_embeddings_path(cfg: D2CConfig, meta: dict[str, Any]) -> Optional[Path]:
+    """The class text embeddings a D2C model needs (None for a model without DC-embedding).
+
+    ``eval.text_embeddings`` when set, else ``text_embeddings.safetensors`` beside the
+    ``condensed`` set recorded in the checkpoint's config.
+    """
+    from d2c.attach.text import TEXT_FILE
+
+    has_text = meta["dit_kwargs"].get("text_dim") is not None
+    if not has_text:
+        if cfg.eval.text_embeddings:
+            raise ConfigError("eval.text_embeddings is set but the checkpoint's model has no DC text embedding; unset it")
+        return None
+    if cfg.eval.text_embeddings:
+        path = Path(cfg.eval.text_embeddings)
+    else:
+        condensed = (meta.get("config") or {}).get("condensed")
+        if not condensed:
+            raise ConfigError(
+                "the checkpoint's model uses class text embeddings but its config records no condensed set; "
+                "set eval.text_embeddings=RUN/text_embeddings.safetensors"
+            )
+        path = Path(condensed).parent / TEXT_FILE
+    if not path.is_file():
+        raise ConfigError(f"eval.text_embeddings: {str(path)!r} does not exist; set eval.text_embeddings to the run's {TEXT_FILE}")
+    return path
+
+
+def inception_source(cfg: D2CConfig) -> tuple[str, Optional[str]]:
+    """(source, weights path) of :class:`d2c.eval.inception.InceptionFeatures` from ``eval.inception_path``."""
+    path = cfg.eval.inception_path
+    if path is None:
+        return "torchscript", None
+    if not os.path.isfile(path):
+        raise ConfigError(f"eval.inception_path: {path!r} does not exist; unset it to use the shipped TorchScript Inception")
+    return ("torch-fidelity" if path.endswith(FIDELITY_WEIGHTS_SUFFIX) else "torchscript"), path
+
+
+def sampling_plan(cfg: D2CConfig, meta: dict[str, Any]):
+    """The :class:`d2c.eval.sampling.SamplingPlan` of ``eval.*`` for this checkpoint (no weights loaded).
+
+    Raises:
+        ConfigError: a sampling setting, the autoencoder or the data shape does not fit the checkpoint.
+    """
+    from d2c.eval.sampling import SamplingError, SamplingPlan
+
+    e, kwargs = cfg.eval, meta["dit_kwargs"]
+    trained = ((meta.get("config") or {}).get("autoencoder") or {}).get("kind")
+    if trained is not None and trained != cfg.autoencoder.kind:
+        raise ConfigError(f"autoencoder.kind={cfg.autoencoder.kind!r} but the checkpoint was trained with {trained!r}; "
+                          f"set autoencoder.kind={trained}")
+    want = (int(kwargs["in_channels"]), int(kwargs["input_size"]))
+    have = (cfg.latent_channels, cfg.latent_size)
+    if want != have:
+        raise ConfigError(
+            f"the checkpoint's model takes {want[0]}x{want[1]}x{want[1]} latents but data.*/autoencoder.* give "
+            f"{have[0]}x{have[1]}x{have[1]}; evaluate with the data and autoencoder settings it was trained with"
+        )
+    try:
+        return SamplingPlan(meta, sampler=e.sampler, steps=e.steps, cfg_scale=e.cfg_scale, guidance_interval=e.guidance_interval,
+                            seed=e.seed, batch_size=e.batch_size, clip_denoised=e.clip_denoised,
+                            pixel_space=cfg.autoencoder.kind == "identity")
+    except SamplingError as err:
+        raise ConfigError(str(err)) from None
+
+
+def check_reference(cfg: D2CConfig) -> None:
+    ref = cfg.eval.reference
+    if ref in SPLIT_REFERENCES:
+        if ref == "test" and cfg.data.source not in SOURCES_WITH_TEST_SPLIT:
+            raise ConfigError(
+                f"eval.reference='test' needs a data source with a test split ({', '.join(SOURCES_WITH_TEST_SPLIT)}); "
+                f"for data.source={cfg.data.source} set eval.reference to an ADM reference .npz or to 'train'"
+            )
+        return
+    if not ref.endswith(".npz"):
+        raise ConfigError(f"eval.reference must be 'test', 'train' or an ADM reference .npz file; got {ref!r}")
+    if not os.path.isfile(ref):
+        raise ConfigError(f"eval.reference: {ref!r} does not exist")
+
+
+# ------------------------------------------------------------------------------------
+# Ray Data actors
+# ------------------------------------------------------------------------------------
+
+
+def _actor_device(num_gpus: float, num_cpus: float) -> str:
+    import torch
+
+    if num_gpus > 0 and torch.cuda.is_available():
+        return "cuda"
+    torch.set_num_threads(max(1, int(num_cpus)))
+    return "cpu"
+
+
+class SampleActor:
+    """Ray Data actor: chunk numbers ``{"id": [k]}`` → samples ``{"index", "label", "image"}``.
+
+    Loads the EMA model, the autoencoder and the class text embeddings once. Each chunk c
+    holds sample indices ``[c·batch_size, min((c+1)·batch_size, N))``.
+    """
+
+    def __init__(self, cfg_dict: dict, checkpoint: str, text_path: Optional[str]):
+        from d2c.attach.text import load_text_embeddings
+        from d2c.attach.visual import build_autoencoder
+        from d2c.eval.sampling import ClassBalancedSampler
+        from d2c.train.checkpoint import load_model
+
+        cfg = build_config(cfg_dict)
+        e = cfg.eval
+        device = _actor_device(e.num_gpus, e.num_cpus)
+        model, meta = load_model(checkpoint, use_ema=True, device=device)
+        text = None
+        if text_path is not None:
+            emb, mask, _, _ = load_text_embeddings(text_path)
+            text = (emb, mask)
+        self.num_samples, self.batch_size = e.num_samples, e.batch_size
+        self.sampler = ClassBalancedSampler(
+            model, meta, sampler=e.sampler, steps=e.steps, cfg_scale=e.cfg_scale, guidance_interval=e.guidance_interval,
+            seed=e.seed, batch_size=e.batch_size, text=text, autoencoder=build_autoencoder(cfg, device),
+            clip_denoised=e.clip_denoised, device=device,
+        )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from d2c.eval.sampling import sample_indices
+
+        indices = np.concatenate([sample_indices(self.num_samples, self.batch_size, int(c)) for c in batch["id"]])
+        images, labels = self.sampler.sample(indices)
+        return {"index": indices, "label": labels, "image": images}
+
+
+class InceptionActor:
+    """Ray Data actor: rows with uint8 ``image`` ``[B, H, W, C]`` → the same rows plus features.
+
+    Adds ``pool`` float32 ``[B, 2048]``, ``spatial`` ``[B, 2023]`` (sFID) and, for a source with a
+    classifier head, ``logits`` ``[B, 1008]``. ``keep_images=False`` drops the images (the
+    reference pipeline only needs features on the driver).
+    """
+
+    def __init__(self, source: str, weights_path: Optional[str], batch_size: int, num_gpus: float, num_cpus: float,
+                 keep_images: bool = True):
+        from d2c.eval.inception import InceptionFeatures
+
+        device = _actor_device(num_gpus, num_cpus)
+        self.extractor = InceptionFeatures(source, weights_path, device=device, batch_size=batch_size, progress=False)
+        self.keep_images = keep_images
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = np.require(batch["image"], requirements=["W"])  # Ray hands out read-only arrays; torch wants writable
+        out = self.extractor.extract(images, spatial=True, logits=True)
+        result = {k: v for k, v in batch.items() if self.keep_images or k != "image"}
+        result["pool"] = out.pool.astype(np.float32)
+        result["spatial"] = out.spatial.astype(np.float32)
+        if out.logits is not None:
+            result["logits"] = out.logits.astype(np.float32)
+        return result
+
+
+def _remote(num_gpus: float) -> dict[str, float]:
+    """map_batches kwargs for GPUs: only when > 0 (DESIGN.md, Ray idioms)."""
+    return {"num_gpus": num_gpus} if num_gpus > 0 else {}
+
+
+def add_inception_stage(ds, cfg: D2CConfig, keep_images: bool):
+    """``ds.map_batches`` through the Inception actor pool configured by ``eval.inception_*``."""
+    import ray
+
+    e = cfg.eval
+    source, weights = inception_source(cfg)
+    return ds.map_batches(
+        InceptionActor,
+        fn_constructor_kwargs=dict(source=source, weights_path=weights, batch_size=e.inception_batch_size,
+                                   num_gpus=e.inception_num_gpus, num_cpus=e.num_cpus, keep_images=keep_images),
+        batch_size=e.inception_batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=e.inception_min_actors, max_size=e.inception_max_actors),
+        num_cpus=e.num_cpus,
+        **_remote(e.inception_num_gpus),
+    )
+
+
+def _collect(ds, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Every batch of ``ds`` on the driver, the given columns concatenated (missing ones skipped)."""
+    parts: dict[str, list[np.ndarray]] = {c: [] for c in columns}
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for c in columns:
+            if c in batch:
+                parts[c].append(batch[c])
+    return {c: np.concatenate(v) for c, v in parts.items() if v}
+
+
+# ------------------------------------------------------------------------------------
+# Reference statistics (cached)
+# ------------------------------------------------------------------------------------
+
+
+def _row_digest(row: dict[str, Any]) -> str:
+    """Content digest of one listing row's pixels (decoded array, encoded bytes, or file stat)."""
+    h = hashlib.sha256()
+    if row.get("image") is not None:
+        arr = np.ascontiguousarray(row["image"])
+        h.update(f"{arr.dtype.str}{arr.shape}".encode())
+        h.update(arr.tobytes())
+    elif row.get("image_bytes") is not None:
+        h.update(bytes(row["image_bytes"]))
+    elif row.get("path") is not None:
+        st = os.stat(row["path"])
+        h.update(f"{os.path.realpath(row['path'])}\x1f{st.st_size}\x1f{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def balanced_reference_rows(cfg: D2CConfig, num_classes: int) -> tuple[list[dict[str, Any]], DataConfig, list[int]]:
+    """The first ``ceil``-quota images of each class of the reference split, class-balanced.
+
+    Class c gets ``reference_size // C`` (+1 for the first ``reference_size mod C`` classes).
+
+    Returns:
+        (listing rows in listing order, the DataConfig they were listed with, per-class counts).
+    """
+    from d2c.data.source import list_source
+    from d2c.eval.sampling import class_counts
+
+    quota = class_counts(cfg.eval.reference_size, num_classes)
+    data_cfg = cfg.data.model_copy(update={"split": cfg.eval.reference, "max_per_class": max(quota)})
+    listing = list_source(data_cfg)
+    if listing.num_classes != num_classes:
+        raise ConfigError(
+            f"eval.reference={cfg.eval.reference!r}: data.* lists {listing.num_classes} classes but the model has {num_classes}"
+        )
+    taken = [0] * num_classes
+    rows = []
+    for row in listing.rows:
+        if taken[row["label"]] < quota[row["label"]]:
+            taken[row["label"]] += 1
+            rows.append(row)
+    short = [c for c in range(num_classes) if taken[c] < quota[c]]
+    if short:
+        raise ConfigError(
+            f"eval.reference_size={cfg.eval.reference_size}: classes {short[:5]} of the {cfg.eval.reference} split have fewer "
+            f"than their {max(quota)} reference images; lower eval.reference_size"
+        )
+    return rows, data_cfg, taken
+
+
+def dataset_reference_key(rows: list[dict[str, Any]], data_cfg: DataConfig, extractor_id: str) -> str:
+    """sha256 of the reference content: every row's id, label and pixel digest, the preprocessing, the Inception id."""
+    h = hashlib.sha256()
+    prep = {k: getattr(data_cfg, k) for k in ("image_size", "channels", "preprocess")}
+    h.update(f"{REFERENCE_KEY_VERSION}\x1e{extractor_id}\x1e{json.dumps(prep, sort_keys=True)}\x1e".encode())
+    for row in rows:
+        h.update(f"{row['image_id']}\x1f{row['label']}\x1f{_row_digest(row)}\x1e".encode())
+    return h.hexdigest()
+
+
+def npz_reference_key(path: str, extractor_id: str) -> str:
+    from d2c.eval.inception import file_digest
+
+    return hashlib.sha256(f"{REFERENCE_KEY_VERSION}\x1e{extractor_id}\x1e{file_digest(path)}".encode()).hexdigest()
+
+
+def _cache_file(key: str) -> Path:
+    from d2c.eval.fid import CACHE_PREFIX
+
+    return cache_root() / REFERENCE_CACHE_SUBDIR / f"{CACHE_PREFIX}{key[:CACHE_NAME_CHARS]}.npz"
+
+
+def _load_cached(path: Path, key: str) -> Optional[dict[str, np.ndarray]]:
+    from d2c.eval.fid import NPZ_KEY
+
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        if NPZ_KEY not in z.files or str(z[NPZ_KEY]) != key or NPZ_POOL_FEATURES not in z.files:
+            return None
+        return {name: z[name] for name in z.files}
+
+
+def _save_cached(path: Path, key: str, extractor_id: str, pool: np.ndarray, spatial: np.ndarray, labels: np.ndarray) -> None:
+    from d2c.eval.fid import NPZ_EXTRACTOR_ID, NPZ_KEY, FeatureStats, save_stats_npz
+
+    save_stats_npz(
+        str(path), FeatureStats.from_features(pool), FeatureStats.from_features(spatial),
+        **{NPZ_KEY: np.str_(key), NPZ_EXTRACTOR_ID: np.str_(extractor_id), NPZ_POOL_FEATURES: pool.astype(np.float32),
+           NPZ_SPATIAL_FEATURES: spatial.astype(np.float32), NPZ_REF_LABELS: labels.astype(np.int64)},
+    )
+
+
+def _featurise_dataset(cfg: D2CConfig, rows: list[dict[str, Any]], data_cfg: DataConfig) -> dict[str, np.ndarray]:
+    """Decode (CPU tasks) + Inception actor pool over listing rows → pool/spatial/label/reject on the driver."""
+    import ray
+
+    table = listing_table(rows, shard_rows=max(1, len(rows)))
+    ds = ray.data.from_arrow(table_blocks(table, cfg.eval.inception_batch_size))
+    ds = decoded(ds, data_cfg)
+    ds = add_inception_stage(ds, cfg, keep_images=False)
+    out = _collect(ds, ("pos", "label", "reject", "pool", "spatial"))
+    order = np.argsort(out["pos"], kind="stable")
+    return {k: v[order] for k, v in out.items()}
+
+
+def _featurise_images(cfg: D2CConfig, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Inception actor pool over uint8 images ``[N, H, W, C]`` → pool/spatial in image order."""
+    import ray
+
+    e = cfg.eval
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    # One block per Inception batch: positions and pixels travel together through the object store.
+    step = e.inception_batch_size
+    tables = [pa.table({"pos": pa.array(np.arange(s, min(s + step, len(images))), pa.int64()),
+                        "image": ArrowTensorArray.from_numpy(np.ascontiguousarray(images[s : s + step]))})
+              for s in range(0, len(images), step)]
+    ds = ray.data.from_arrow(tables)
+    ds = add_inception_stage(ds, cfg, keep_images=False)
+    out = _collect(ds, ("pos", "pool", "spatial"))
+    order = np.argsort(out["pos"], kind="stable")
+    return {k: v[order] for k, v in out.items()}
+
+
+def reference_statistics(cfg: D2CConfig, num_classes: int, extractor_id: str) -> dict[str, Any]:
+    """The reference's features/statistics (from the cache when possible) and a description of it.
+
+    Returns:
+        ``{"feats": pool [N, 2048] | None, "stats": FeatureStats, "spatial": FeatureStats | None,
+        "info": JSON description}``.
+    """
+    from d2c.eval.fid import NPZ_IMAGES, FeatureStats, load_reference_npz
+
+    ref = cfg.eval.reference
+    if ref in SPLIT_REFERENCES:
+        rows, data_cfg, per_class = balanced_reference_rows(cfg, num_classes)
+        key = dataset_reference_key(rows, data_cfg, extractor_id)
+        info: dict[str, Any] = dict(kind="dataset_split", source=data_cfg.source, path=data_cfg.path, split=ref,
+                                    size=len(rows), per_class=per_class,
+                                    selection="the first images of each class in source order, class-balanced",
+                                    preprocess=f"{data_cfg.preprocess} to {data_cfg.image_size} px, {data_cfg.channels} channel(s)",
+                                    fid_statistics_from="features")
+        path = _cache_file(key)
+        cached = _load_cached(path, key)
+        info.update(cache_file=str(path), key=key, cached_before=cached is not None)
+        if cached is None:
+            timer = StageTimer("reference features")
+            out = _featurise_dataset(cfg, rows, data_cfg)
+            ok = np.asarray([r == "" for r in out["reject"]])
+            _save_cached(path, key, extractor_id, out["pool"][ok], out["spatial"][ok], out["label"][ok])
+            timer.done(len(rows), f"cached in {path}")
+            cached = _load_cached(path, key)
+        else:
+            print(f"[d2c] evaluate: reference statistics cached in {path} — reused", flush=True)
+        info["rejected"] = int(len(rows) - len(cached[NPZ_POOL_FEATURES]))
+        pool, spatial = cached[NPZ_POOL_FEATURES], cached[NPZ_SPATIAL_FEATURES]
+        return dict(feats=pool, stats=FeatureStats.from_features(pool), spatial=FeatureStats.from_features(spatial), info=info)
+
+    # An ADM reference batch.
+    with np.load(ref, allow_pickle=False) as z:
+        files = list(z.files)
+    info = dict(kind="adm_npz", path=str(Path(ref).resolve()), arrays=files)
+    stats = spatial = feats = None
+    if "mu" in files and "sigma" in files:
+        loaded = load_reference_npz(ref)
+        stats, spatial = loaded.pool, loaded.spatial
+        info["fid_statistics_from"] = "the file's mu/sigma (and mu_s/sigma_s for sFID), as ADM's evaluator"
+    if NPZ_IMAGES in files:
+        key = npz_reference_key(ref, extractor_id)
+        path = _cache_file(key)
+        cached = _load_cached(path, key)
+        info["cached_before"] = cached is not None
+        if cached is None:
+            with np.load(ref, allow_pickle=False) as z:
+                images = z[NPZ_IMAGES]
+            if images.dtype != np.uint8 or images.ndim != 4:
+                raise ConfigError(f"eval.reference: {ref!r}'s {NPZ_IMAGES} must be uint8 N x H x W x 3, got {images.dtype} {images.shape}")
+            timer = StageTimer("reference features")
+            out = _featurise_images(cfg, images)
+            _save_cached(path, key, extractor_id, out["pool"], out["spatial"], np.full(len(images), -1))
+            timer.done(len(images), f"cached in {path}")
+            cached = _load_cached(path, key)
+        else:
+            print(f"[d2c] evaluate: reference features cached in {path} — reused", flush=True)
+        feats = cached[NPZ_POOL_FEATURES]
+        info.update(cache_file=str(path), key=key, size=int(len(feats)))
+        if stats is None:
+            stats = FeatureStats.from_features(feats)
+            spatial = FeatureStats.from_features(cached[NPZ_SPATIAL_FEATURES])
+            info["fid_statistics_from"] = "features of the file's arr_0 images"
+    if stats is None:
+        raise ConfigError(f"eval.reference: {ref!r} holds neither mu/sigma nor arr_0 images (found {files})")
+    return dict(feats=feats, stats=stats, spatial=spatial, info=info)
+
+
+# ------------------------------------------------------------------------------------
+# Samples and metrics
+# ------------------------------------------------------------------------------------
+
+
+def draw_samples(cfg: D2CConfig, ckpt: Path, text_path: Optional[Path]) -> dict[str, np.ndarray]:
+    """The Ray pipeline: chunks → sampling actors → Inception actors → driver (sorted by index).
+
+    Returns:
+        ``{"index" [N], "label" [N], "image" uint8 [N, H, W, C], "pool" [N, 2048],
+        "spatial" [N, 2023], ("logits" [N, 1008])}``.
+    """
+    import ray
+
+    from d2c.eval.sampling import num_chunks
+
+    e = cfg.eval
+    chunks = num_chunks(e.num_samples, e.batch_size)
+    # Chunk numbers made on the driver (no read task: on a small machine a read task could wait for the
+    # CPUs the two actor pools hold); one block per chunk so that every sampling actor gets work.
+    ds = ray.data.from_items([{"id": c} for c in range(chunks)], override_num_blocks=chunks)
+    ds = ds.map_batches(
+        SampleActor,
+        fn_constructor_kwargs=dict(cfg_dict=cfg.to_dict(), checkpoint=str(ckpt), text_path=str(text_path) if text_path else None),
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(min_size=e.min_actors, max_size=e.max_actors),
+        num_cpus=e.num_cpus,
+        **_remote(e.num_gpus),
+    )
+    ds = add_inception_stage(ds, cfg, keep_images=True)
+    out = _collect(ds, ("index", "label", "image", "pool", "spatial", "logits"))
+    order = np.argsort(out["index"], kind="stable")
+    out = {k: v[order] for k, v in out.items()}
+    if not np.array_equal(out["index"], np.arange(e.num_samples)):
+        raise RuntimeError(f"sampling returned {len(out['index'])} samples for eval.num_samples={e.num_samples}")
+    return out
+
+
+def compute_all_metrics(cfg: D2CConfig, samples: dict[str, np.ndarray], ref: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
+    """The d2c.eval.fid metrics of the samples against the reference, and the settings used.
+
+    The FID's square root follows ``eval.fid_method``; when ADM's sqrtm route fails on a
+    near-singular covariance (few samples), the eigh route (the same quantity) is used and
+    recorded.
+    """
+    from d2c.eval import fid
+
+    kwargs = dict(stats_ref=ref["stats"], spatial_gen=samples["spatial"], spatial_ref=ref["spatial"],
+                  logits_gen=samples.get("logits"))
+    method, note = cfg.eval.fid_method, None
+    try:
+        values = fid.compute_metrics(samples["pool"], ref["feats"], fid_method=method, **kwargs)
+    except ValueError as err:
+        if method != "sqrtm" or SQRTM_IMAGINARY_MARKER not in str(err):
+            raise
+        note = f"sqrtm failed ({err}); used the eigh route, which computes the same trace"
+        method = "eigh"
+        values = fid.compute_metrics(samples["pool"], ref["feats"], fid_method=method, **kwargs)
+    settings = dict(fid_method=cfg.eval.fid_method, fid_method_used=method, fid_method_note=note,
+                    kid_subsets=fid.KID_SUBSETS, prc_k=fid.PRC_NEIGHBORHOOD, metric_seed=fid.DEFAULT_SEED)
+    return values, settings
+
+
+def eval_settings(cfg: D2CConfig, ckpt: Path, meta: dict[str, Any], text_path: Optional[Path], reference_id: str,
+                  extractor_id: str) -> dict[str, Any]:
+    """Everything the EVAL outputs depend on (a rerun with the same is skipped)."""
+    e = cfg.eval
+    return {
+        "checkpoint": str(ckpt.resolve()),
+        "step": meta.get("step"),
+        "weights": "ema",
+        "text_embeddings": str(text_path.resolve()) if text_path else None,
+        "autoencoder": cfg.autoencoder.model_dump(),
+        "sampling": {k: getattr(e, k) for k in ("num_samples", "sampler", "steps", "cfg_scale", "seed", "clip_denoised")}
+        | {"guidance_interval": list(e.guidance_interval) if e.guidance_interval else None},
+        "reference": reference_id,
+        "extractor_id": extractor_id,
+        "fid_method": e.fid_method,
+        "grid_per_class": e.grid_per_class,
+    }
+
+
+def _reference_id(cfg: D2CConfig) -> str:
+    """What names the reference in the settings: the split + size + data settings, or the file's digest."""
+    from d2c.eval.inception import file_digest
+
+    ref = cfg.eval.reference
+    if ref in SPLIT_REFERENCES:
+        d = cfg.data
+        return f"{d.source}:{d.path}:{ref}:{cfg.eval.reference_size}:{d.image_size}:{d.channels}:{d.preprocess}"
+    return f"npz:{file_digest(ref)}"
+
+
+def _versions() -> dict[str, str]:
+    import ray
+    import torch
+    import torch_fidelity
+
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "ray": ray.__version__,
+            "torch_fidelity": torch_fidelity.__version__, "numpy": np.__version__}
+
+
+def run_evaluate(cfg: D2CConfig) -> int:
+    """``d2c evaluate``: validate, reuse or compute, write EVAL/; returns a process exit code."""
+    from d2c.eval.fid import save_samples_npz
+    from d2c.eval.grid import write_grids
+    from d2c.eval.inception import extractor_id as inception_extractor_id
+    from d2c.eval.sampling import class_counts
+
+    t_start = time.perf_counter()
+    ckpt, meta = resolve_eval_checkpoint(cfg.checkpoint)
+    sampling = sampling_plan(cfg, meta).describe()
+    check_reference(cfg)
+    check_model_path("autoencoder.path", cfg.autoencoder.path)
+    text_path = text_embeddings_path(cfg, meta)
+    source, weights = inception_source(cfg)
+    ext_id = inception_extractor_id(source, weights)
+    num_classes = int(meta["dit_kwargs"]["num_classes"])
+    out_dir = eval_dir_of(cfg)
+    settings = eval_settings(cfg, ckpt, meta, text_path, _reference_id(cfg), ext_id)
+    try:
+        same = check_settings(out_dir / SETTINGS_FILE, settings, "EVAL",
+                              "Use another eval_dir, or delete that directory to evaluate again.")
+    except StageSettingsError as err:
+        raise ConfigError(f"eval_dir: {err}") from None
+    if same and (out_dir / METRICS_FILE).is_file() and (out_dir / SAMPLES_FILE).is_file():
+        prev = json.loads((out_dir / METRICS_FILE).read_text())
+        print(f"[d2c] evaluate: {out_dir} is complete for the same settings — reused, nothing to do "
+              f"(FID {prev.get('fid'):.3f} on {prev.get('num_samples')} samples)", flush=True)
+        return 0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"[d2c] evaluate: {ckpt} ({meta['arch']}, step {meta.get('step')}, EMA) — {cfg.eval.num_samples} samples, "
+          f"{cfg.eval.sampler} {cfg.eval.steps} steps, CFG {cfg.eval.cfg_scale} -> {out_dir}", flush=True)
+
+    init_ray(cfg)
+    quiet_data_context()
+    t0 = time.perf_counter()
+    ref = reference_statistics(cfg, num_classes, ext_id)
+    t_ref = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    timer = StageTimer("samples + Inception features")
+    samples = draw_samples(cfg, ckpt, text_path)
+    timer.done(cfg.eval.num_samples)
+    t_samples = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    values, metric_settings = compute_all_metrics(cfg, samples, ref)
+    t_metrics = time.perf_counter() - t0
+
+    save_samples_npz(str(out_dir / SAMPLES_FILE), samples["image"], samples["label"])
+    class_names = (meta.get("config") or {}).get("class_names")
+    grids = write_grids(out_dir / GRIDS_DIR, samples["image"], samples["label"], num_classes, cfg.eval.grid_per_class, class_names)
+
+    e = cfg.eval
+    not_computed = {}
+    if "is_mean" not in values:
+        not_computed["is_mean"] = not_computed["is_std"] = (
+            "the shipped TorchScript Inception has no classifier head; set eval.inception_path to torch-fidelity's "
+            "weights-inception-2015-12-05-6726825d.pth for the Inception Score")
+    if "kid_mean" not in values:
+        not_computed["kid_mean"] = not_computed["precision"] = not_computed["recall"] = (
+            "the reference holds statistics only (no images): KID and precision/recall need reference features")
+    total = time.perf_counter() - t_start
+    metrics: dict[str, Any] = {
+        "format": EVAL_FORMAT,
+        **values,
+        "num_samples": e.num_samples,
+        "num_classes": num_classes,
+        "samples_per_class": class_counts(e.num_samples, num_classes),
+        "sampler": e.sampler,
+        "steps": e.steps,
+        "cfg_scale": e.cfg_scale,
+        "guidance_interval": list(e.guidance_interval) if e.guidance_interval else None,
+        "seed": e.seed,
+        "sampling": sampling,
+        "checkpoint": {"path": str(ckpt.resolve()), "step": meta.get("step"), "arch": meta["arch"], "weights": "ema",
+                       "text_embeddings": str(text_path.resolve()) if text_path else None},
+        "reference": ref["info"],
+        "feature_extractor": {"id": ext_id, "source": source, "weights_path": weights,
+                              "network": "Inception-v3, TF 2015-12-05 weights (ADM evaluator / torch-fidelity inception-v3-compat)"},
+        "metric_settings": metric_settings,
+        "not_computed": not_computed,
+        "files": {"samples": SAMPLES_FILE, "grids": [str(p.relative_to(out_dir)) for p in grids]},
+        "timing": {"reference_s": round(t_ref, 3), "sampling_and_features_s": round(t_samples, 3),
+                   "samples_per_s": round(e.num_samples / max(t_samples, 1e-9), 3), "metrics_s": round(t_metrics, 3),
+                   "total_s": round(total, 3)},
+        "how": HOW,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+    }
+    write_json_atomic(out_dir / METRICS_FILE, metrics)
+    write_json_atomic(out_dir / SETTINGS_FILE, settings)
+    shown = ", ".join(f"{k} {values[k]:.4g}" for k in ("fid", "sfid", "kid_mean", "precision", "recall", "is_mean") if k in values)
+    print(f"[d2c] evaluate: {shown} ({e.num_samples} samples vs {ref['info'].get('size', '?')} reference) -> {out_dir / METRICS_FILE}",
+          flush=True)
+    return 0
