@@ -59,6 +59,11 @@ MAX_VALUE_CHARS = 160
 #: Reject reasons listed per run.
 MAX_REJECT_REASONS = 5
 
+#: Array names of ADM's sample ``.npz`` (the values of d2c.eval.fid's constants, which a test checks;
+#: not imported from there because that module loads torch, which a report does not need).
+NPZ_IMAGES = "arr_0"
+NPZ_LABELS = "arr_1"
+
 #: Default output file name, inside the first path.
 REPORT_FILE = "report.html"
 
@@ -158,14 +163,6 @@ def fmt_value(x: Any) -> str:
     return text if len(text) <= MAX_VALUE_CHARS else text[: MAX_VALUE_CHARS - 1] + "…"
 
 
-def fmt_duration(s: float) -> str:
-    if s >= 3600:
-        return f"{s / 3600:.2f} h"
-    if s >= 60:
-        return f"{s / 60:.1f} min"
-    return f"{s:.1f} s"
-
-
 def table(header: Sequence[Any], rows: Iterable[Sequence[Any]], cls: str = "") -> Html:
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
@@ -253,6 +250,17 @@ def read_parquet_files(files: Sequence[Path], columns: Sequence[str], missing: l
     return pa.concat_tables(tables).to_pandas()
 
 
+def scores_dir_of(path: Path, manifest: Optional[dict]) -> Path:
+    """RUN/scores, or the run whose scores this one reused (``score.reuse_from``, recorded as the
+    manifest's ``scores_dir``); a relative path is taken from the working directory, else from RUN."""
+    own = path / "scores"
+    recorded = (manifest or {}).get("scores_dir")
+    if not recorded or any(own.glob("*.parquet")):
+        return own
+    p = Path(recorded)
+    return p if p.is_absolute() or p.exists() else path / p
+
+
 @dataclass
 class CondenseRun:
     """A ``d2c condense`` run directory, as far as it exists."""
@@ -262,6 +270,7 @@ class CondenseRun:
     scores: Optional[pd.DataFrame] = None
     selection: Optional[pd.DataFrame] = None
     rejects: Optional[pd.DataFrame] = None
+    scores_dir: Optional[Path] = None
     missing: list[str] = field(default_factory=list)
 
     @property
@@ -290,19 +299,20 @@ class CondenseRun:
 def load_condense(path: Path) -> CondenseRun:
     run = CondenseRun(path)
     run.manifest = read_json(path / "manifest.json", run.missing)
-    score_files = sorted((path / "scores").glob("*.parquet"))
-    run.scores = read_parquet_files(score_files, ["image_id", "label", "score"], run.missing, f"{path / 'scores'}")
+    run.scores_dir = scores_dir_of(path, run.manifest)
+    score_files = sorted(run.scores_dir.glob("*.parquet"))
+    run.scores = read_parquet_files(score_files, ["image_id", "label", "score"], run.missing, str(run.scores_dir))
     if run.scores is not None:
         nan = run.scores["score"].isna()
         if nan.any():
-            run.missing.append(f"{path / 'scores'}: {int(nan.sum()):,} rows without a score (left out of the figures)")
+            run.missing.append(f"{run.scores_dir}: {int(nan.sum()):,} rows without a score (left out of the figures)")
             run.scores = run.scores[~nan].reset_index(drop=True)
     sel_file = path / "selection" / "selection.parquet"
     if sel_file.is_file():
         run.selection = read_parquet_files([sel_file], ["image_id", "label", "score", "rank", "method"], run.missing, str(sel_file))
     else:
         run.missing.append(f"{sel_file}: not found (no selection to mark)")
-    reject_files = sorted((path / "rejects").glob("*.parquet"))
+    reject_files = sorted((run.scores_dir.parent / "rejects").glob("*.parquet"))
     if reject_files:
         run.rejects = read_parquet_files(reject_files, ["image_id", "reason"], run.missing, str(path / "rejects"))
     return run
@@ -379,6 +389,11 @@ class EvalRun:
         """metrics.json flattened to dotted keys (read once, after loading)."""
         return flatten(self.metrics or {})
 
+    @cached_property
+    def visible(self) -> dict[str, Any]:
+        """:attr:`flat` without the bookkeeping fields (``how.*``, ``not_computed.*``, …)."""
+        return {k: v for k, v in self.flat.items() if not k.startswith(HIDDEN_PREFIXES)}
+
 
 _NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
@@ -432,8 +447,6 @@ def load_eval(path: Path) -> EvalRun:
     if not npz.is_file():
         run.missing.append(f"{npz}: not found (no sample grid)")
         return run
-    from d2c.eval.fid import NPZ_IMAGES, NPZ_LABELS
-
     try:
         with zipfile.ZipFile(npz) as zf:
             names = {n[: -len(".npy")] for n in zf.namelist() if n.endswith(".npy")}
@@ -453,8 +466,6 @@ def load_sample_rows(run: EvalRun, classes: Sequence[int]) -> list[list[np.ndarr
     """The montage rows of one eval run's samples (empty when it has none)."""
     if run.num_samples_file is None:
         return []
-    from d2c.eval.fid import NPZ_IMAGES
-
     idx, rows = pick_sample_indices(run.sample_labels, run.num_samples_file, classes)
     imgs, _ = read_npz_rows(run.path / "samples.npz", NPZ_IMAGES, idx)
     where = {i: j for j, i in enumerate(idx)}
@@ -607,7 +618,7 @@ def collect(paths: Sequence[str | Path]) -> Inputs:
             loose.append((p, rest))
     counts = {k: sum(k in ks for _, ks in loose) for k in ("condense", "train", "eval")}
     if loose and max(counts.values()) <= 1:
-        v = Variant(loose[0][0].name if len(loose) == 1 else "run")
+        v = Variant(loose[0][0].resolve().name if len(loose) == 1 else "run")
         for p, kinds in loose:
             for k in kinds:
                 setattr(v, k, loader.get(k, p))
@@ -684,6 +695,9 @@ def _load_fashion_mnist_ids(root: Optional[str], ids: Sequence[str]) -> tuple[di
 
 
 def _load_listed_ids(data_cfg: Mapping[str, Any], ids: Sequence[str]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Decode the wanted ids with the run's preprocessing. ImageFolder ids are paths relative to
+    ``data.path`` (d2c.data.imagefolder's contract), so they are opened directly — listing
+    ImageNet's 1.28M files is not needed for a few dozen; other sources are listed first."""
     from d2c.config import DataConfig
     from d2c.data.preprocess import prepare_record
     from d2c.data.records import Reject
@@ -691,16 +705,19 @@ def _load_listed_ids(data_cfg: Mapping[str, Any], ids: Sequence[str]) -> tuple[d
 
     cfg = DataConfig(**dict(data_cfg))
     wanted = set(ids)
+    if cfg.source == "imagefolder" and cfg.path is not None:
+        rows = [{"image_id": i, "label": -1, "class_name": "", "path": str(Path(cfg.path) / i)} for i in ids]
+    else:
+        rows = [row for row in list_source(cfg).rows if row["image_id"] in wanted]
     out, notes = {}, []
-    for row in list_source(cfg).rows:
-        if row["image_id"] not in wanted:
-            continue
+    for row in rows:
         rec = prepare_record(row, channels=cfg.channels, image_size=cfg.image_size, method=cfg.preprocess)
         if isinstance(rec, Reject):
             notes.append(f"{rec.image_id}: {rec.reason}")
         else:
             out[rec["image_id"]] = rec["image"]
-    notes += [f"{i}: not in the listing" for i in ids if i not in out and not any(n.startswith(i + ":") for n in notes)]
+    listed = {row["image_id"] for row in rows}
+    notes += [f"{i}: not in the listing" for i in ids if i not in listed]
     return out, notes
 
 
@@ -768,7 +785,7 @@ def section(id_: str, title: str, body: Sequence[str]) -> Section:
     return Section(id_, title, body)
 
 
-def p(text: str) -> Html:
+def para(text: str) -> Html:
     return Html(f"<p>{esc(text)}</p>")
 
 
@@ -792,6 +809,7 @@ def condense_summary(name: str, run: CondenseRun) -> list[str]:
         ("budget", f"{fmt_num(sel.get('budget'))} images (select.budget), n per class = budget / classes"),
         ("interval k", f"{fmt_num(sel.get('k'))} (select.k), shortfall policy {sel.get('shortfall', '?')}"),
         ("scorer", str(m.get("scorer", score.get("scorer", "?")))),
+        ("scores", str(run.scores_dir) + ("" if run.scores_dir == run.path / "scores" else " (reused: score.reuse_from)")),
         ("score", f"mean over T={fmt_num(score.get('num_timesteps'))} stratified timesteps of ‖ε − ε_θ(x_t, t, c)‖², "
                   f"noise seed {fmt_num(score.get('seed'))}"),
         ("data", f"data.source={data.get('source', '?')}, split={data.get('split', '?')}, {fmt_num(data.get('image_size'))} px, "
@@ -802,10 +820,10 @@ def condense_summary(name: str, run: CondenseRun) -> list[str]:
     out = [Html(f"<h3>{esc(name)}</h3>"), table(["", ""], facts, "facts")]
     if run.rejects is not None and len(run.rejects):
         counts = run.rejects["reason"].value_counts().head(MAX_REJECT_REASONS)
-        out.append(p(f"{len(run.rejects):,} rejected inputs (RUN/rejects/); most common reasons: "
+        out.append(para(f"{len(run.rejects):,} rejected inputs ({run.scores_dir.parent / 'rejects'}); most common reasons: "
                      + "; ".join(f"{r} ({c:,})" for r, c in counts.items())))
     for note in m.get("notes", []) or []:
-        out.append(p(f"note: {note}"))
+        out.append(para(f"note: {note}"))
     return out
 
 
@@ -857,9 +875,9 @@ def condense_section_body(name: str, run: CondenseRun) -> list[str]:
                           "Each class's images sorted ascending by (score, image_id) — the order interval sampling walks — "
                           "with the selected ranks marked in red and their span shaded. For select.method=d2c the marks sit at "
                           "ranks 0, k, 2k, …, (n−1)k (k clamped per class where the class is too short; titles say "
-                          f"'selected of class size, k'). Source: RUN/scores and RUN/selection/selection.parquet.{shown_note}"))
+                          f"'selected of class size, k'). Source: {run.scores_dir} and {run.path / 'selection' / 'selection.parquet'}.{shown_note}"))
     else:
-        out.append(missing_box([f"{run.path / 'scores'}: no scores — the score distributions and the easiest/hardest grids are left out"]))
+        out.append(missing_box([f"{run.scores_dir}: no scores — the score distributions and the easiest/hardest grids are left out"]))
     out.append(image_grids(name, run, labels, ranked, selected))
     out.append(class_table(run, labels, ranked, selected))
     return out
@@ -917,7 +935,7 @@ def coverage_figure(runs: Sequence[tuple[str, CondenseRun]]) -> Optional[Html]:
 def select_section(inp: Inputs) -> Optional[Section]:
     if not inp.condense:
         return None
-    body: list[str] = [p("Select = score every image, rank each class, take every k-th rank.")]
+    body: list[str] = [para("Select = score every image, rank each class, take every k-th rank.")]
     cov = coverage_figure(inp.condense)
     if cov:
         body.append(cov)
@@ -984,7 +1002,7 @@ def eval_value(run: EvalRun, keys: Sequence[str]) -> tuple[Optional[str], Any]:
     for k in keys:
         if k in top:
             return k, top[k]
-    return lookup(run.flat, keys)
+    return lookup(run.visible, keys)
 
 
 def summarize(val: Any) -> str:
@@ -1087,8 +1105,7 @@ def metrics_table(runs: Sequence[Variant]) -> Html:
         if required or any(c != "—" for c in cells):
             rows.append([name, *cells])
     shown = set().union(*(consumed_keys(v.eval) for v in runs))
-    other = sorted({k for v in runs for k, val in v.eval.flat.items()
-                    if k not in shown and not k.startswith(HIDDEN_PREFIXES) and not is_timing(k, val)})
+    other = sorted({k for v in runs for k, val in v.eval.visible.items() if k not in shown and not is_timing(k, val)})
     for k in other:
         rows.append([Html(f"<code>{esc(k)}</code>"), *[fmt_value(v.eval.flat[k]) if k in v.eval.flat else "—" for v in runs]])
     return table(header, rows, "metrics")
@@ -1103,9 +1120,9 @@ def results_section(inp: Inputs) -> Optional[Section]:
     if with_metrics:
         body.append(metrics_table(with_metrics))
         body.append(Html("<ul class=\"how\">" + "".join(f"<li>{esc(how_produced(v))}</li>" for v in with_metrics) + "</ul>"))
-        body.append(p(metric_definitions([v.eval for v in with_metrics]) + " ↓ lower is better, ↑ higher is better. Rows in code "
+        body.append(para(metric_definitions([v.eval for v in with_metrics]) + " ↓ lower is better, ↑ higher is better. Rows in code "
                       "font are further fields of metrics.json, shown as recorded."))
-        body += [p(n) for n in not_computed_notes(with_metrics)]
+        body += [para(n) for n in not_computed_notes(with_metrics)]
         for v in with_metrics:
             if isinstance(v.eval.metrics.get("config"), Mapping):
                 body.append(details(f"evaluation config of {v.name} ({v.eval.path / 'metrics.json'})", v.eval.metrics["config"]))
@@ -1164,7 +1181,7 @@ def timings_section(inp: Inputs) -> Optional[Section]:
         if inp.demos or inp.condense:
             return section("timings", "Timings per stage", [missing_box(["no timings_s in demo.json or manifest.json"])])
         return None
-    body = [table(["stage", "wall-clock", "seconds", "recorded in"], [[s, fmt_duration(t), fmt_num(round(t, 2)), src] for src, s, t in rows])]
+    body = [table(["stage", "wall-clock", "seconds", "recorded in"], [[s, plots.fmt_duration(t), fmt_num(round(t, 2)), src] for src, s, t in rows])]
     bars = [(s, t) for _, s, t in rows if s.rsplit("/", 1)[-1].rsplit(".", 1)[-1] != "total"]
     if bars:
         body.append(figure(plots.plot_timings(bars), "timings",

@@ -338,7 +338,7 @@ def plot_timings(timings: Sequence[tuple[str, float]]) -> Figure:
     ax.set_yticks(range(len(names)), names, fontsize=8)
     top = max(secs, default=0.0)
     for i, s in enumerate(secs):
-        ax.text(s + top * 0.01, i, _duration(s), va="center", fontsize=8)
+        ax.text(s + top * 0.01, i, fmt_duration(s), va="center", fontsize=8)
     ax.set_xlim(0, top * 1.15 if top > 0 else 1)
     ax.set_xlabel("wall-clock seconds")
     ax.grid(axis="x", alpha=0.3)
@@ -347,7 +347,8 @@ def plot_timings(timings: Sequence[tuple[str, float]]) -> Figure:
     return fig
 
 
-def _duration(s: float) -> str:
+def fmt_duration(s: float) -> str:
+    """Seconds for people: ``12.5 s``, ``2.0 min``, ``1.5 h``."""
     if s >= 3600:
         return f"{s / 3600:.1f} h"
     if s >= 60:

@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from app import report
 from app.report import MAX_CLASSES_SHOWN, read_npz_rows, run_report, shown_classes, write_report
 from d2c.data.fashion_mnist import fashion_mnist_image_id, load_fashion_mnist
 from d2c.data.records import CLASS_NAMES_FASHION_MNIST
@@ -47,17 +48,25 @@ def class_names() -> list[str]:
     return names
 
 
-def write_condense(run: Path, method: str, seed: int = 0) -> pd.DataFrame:
-    """RUN/{scores,selection,rejects}/ + manifest.json; returns the selection."""
+def write_condense(run: Path, method: str, seed: int = 0, reuse_from: Path | None = None) -> pd.DataFrame:
+    """RUN/{scores,selection,rejects}/ + manifest.json; returns the selection.
+
+    With ``reuse_from`` (``score.reuse_from``, as the demo's random variant does) the scores and
+    rejects stay in that run and the manifest names them in ``scores_dir``."""
     _, labels = load_fashion_mnist(None, "train")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(0)  # the same scores for every variant, as with score.reuse_from
     ids = [fashion_mnist_image_id("train", i) for i in range(NUM_IMAGES)]
     score_t = rng.gamma(2.0, 0.05, size=(NUM_IMAGES, NUM_TIMESTEPS))
     scores = pd.DataFrame({"image_id": ids, "label": labels[:NUM_IMAGES].astype(np.int64),
                            "score": score_t.mean(1), "score_t": list(score_t)})
-    (run / "scores").mkdir(parents=True)
-    scores.iloc[:150].to_parquet(run / "scores" / "shard-00000.parquet", index=False)
-    scores.iloc[150:].to_parquet(run / "scores" / "shard-00001.parquet", index=False)
+    run.mkdir(parents=True)
+    if reuse_from is None:
+        (run / "scores").mkdir()
+        scores.iloc[:150].to_parquet(run / "scores" / "shard-00000.parquet", index=False)
+        scores.iloc[150:].to_parquet(run / "scores" / "shard-00001.parquet", index=False)
+        (run / "rejects").mkdir()
+        pd.DataFrame({"image_id": ["bad-1", "bad-2"], "reason": ["zero-byte file", "zero-byte file"]}).to_parquet(
+            run / "rejects" / "shard-00000.parquet", index=False)
     chooser = (lambda g, n: np.sort(np.random.default_rng([seed, int(g["label"].iloc[0])]).choice(len(g), n, replace=False))) \
         if method == "random" else None
     parts, reports = [], []
@@ -68,9 +77,6 @@ def write_condense(run: Path, method: str, seed: int = 0) -> pd.DataFrame:
     selection = pd.concat(parts, ignore_index=True)
     (run / "selection").mkdir()
     selection.to_parquet(run / "selection" / "selection.parquet", index=False)
-    (run / "rejects").mkdir()
-    pd.DataFrame({"image_id": ["bad-1", "bad-2"], "reason": ["zero-byte file", "zero-byte file"]}).to_parquet(
-        run / "rejects" / "shard-00000.parquet", index=False)
     per = scores.groupby("label")["score"].agg(["count", "mean", "std", "min", "max"])
     manifest = {
         "config": {"data": {"source": "fashion_mnist", "path": None, "split": "train", "image_size": 32, "channels": 1,
@@ -84,6 +90,7 @@ def write_condense(run: Path, method: str, seed: int = 0) -> pd.DataFrame:
         "rows": {"listed": NUM_IMAGES + 2, "rejected": 2, "scored": NUM_IMAGES, "selected": len(selection)},
         "per_class": reports,
         "clamped_classes": [],
+        "scores_dir": str((reuse_from or run) / "scores"),
         "score_stats": {"overall": {}, "per_class": {int(i): {k: float(v) for k, v in r.items()} for i, r in per.iterrows()}},
         "shapes": {"num_tokens": 64, "latent": [1, 32, 32]},
         "timings_s": {"scores": 12.5, "attach": 3.25, "total": 20.0},
@@ -140,7 +147,7 @@ def demo_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo")
     runs = {}
     for name, fid, proj in (("d2c", 35.86, True), ("random", 48.125, False)):
-        write_condense(root / name / "run", "d2c" if name == "d2c" else "random")
+        write_condense(root / name / "run", name, reuse_from=None if name == "d2c" else root / "d2c" / "run")
         write_train(root / name / "train", proj, bad_line=name == "random")
         write_eval(root / name / "eval", fid)
         runs[name] = {"condense": f"{name}/run", "train": str(root / name / "train"), "eval": str(root / name / "eval")}
@@ -197,6 +204,7 @@ def test_metrics_table_says_how_each_number_was_produced(demo_page):
                  "step 30", "weights ema",                                    # checkpoint
                  "weird_extra_field", "kept", "metric_settings.prc_k"):      # unknown keys are listed, not dropped
         assert text in metrics, text
+    assert "IS ↑" not in metrics  # not computed: no row (the not_computed reason is said below the table)
     for hidden in ("how.fid", "versions.torch", "timesteps_used", "timing.total_s"):
         assert hidden not in metrics, hidden
     assert "not recorded" not in metrics
@@ -209,6 +217,8 @@ def test_metrics_table_says_how_each_number_was_produced(demo_page):
     assert "samples_per_s" not in timings[: timings.index("</section>")]
     # The malformed training-log line is reported, and quick mode is said.
     assert "1 malformed line(s) skipped" in page and "Quick mode" in page
+    # The random variant reused the D2C run's scores (score.reuse_from): read from there, and said so.
+    assert "(reused: score.reuse_from)" in page and "2 rejected inputs" in page
 
 
 def test_html_is_escaped(demo_page):
@@ -272,6 +282,12 @@ def test_run_report_cli_paths(demo_dir, tmp_path, capsys):
     write_eval(sweep_less, 9.5, samples=False)
     assert run_report([str(sweep_less)]) == 0
     assert capsys.readouterr().out.strip() == str(sweep_less / "report.html")
+
+
+def test_npz_names_match_the_evaluator():
+    from d2c.eval import fid
+
+    assert (report.NPZ_IMAGES, report.NPZ_LABELS) == (fid.NPZ_IMAGES, fid.NPZ_LABELS)
 
 
 def test_read_npz_rows_reads_only_the_rows_asked_for(tmp_path):
