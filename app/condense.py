@@ -24,6 +24,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from app.metrics import record
 from app.ray_session import init_ray, quiet_data_context
 from app.stages import (
     decoded,
@@ -41,6 +42,8 @@ from d2c.select.baselines import FEATURE_METHODS, make_chooser
 from d2c.select.interval import SELECTION_COLUMNS, ClassSelection, SelectionError, per_class_budget, select_class
 
 SETTINGS_FILE = "_settings.json"
+#: Scores rows per hash partition of the per-class groupby (DESIGN.md: too many partitions cost seconds).
+GROUPBY_ROWS_PER_PARTITION = 50_000
 SUCCESS_FILE = "_SUCCESS"
 
 
@@ -230,7 +233,10 @@ def score_stage(cfg: D2CConfig, listing: Listing, run: RunDir, scorer_spec: str)
     )
     pending: dict[int, list] = defaultdict(list)
     got: dict[int, int] = defaultdict(int)
+    seen = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        seen += len(batch["pos"])
+        record("score", "images_scored_per_s", seen / max(time.perf_counter() - timer.start, 1e-9))
         for s in np.unique(batch["shard"]):
             m = batch["shard"] == s
             part = {k: v[m] for k, v in batch.items()}
@@ -284,7 +290,7 @@ def select_stage(cfg: D2CConfig, scores_dir: Path, out_dir: Path, num_classes: i
         return sel, reports
     timer = StageTimer("selection")
     ds = ray.data.read_parquet(str(scores_dir)).select_columns(["image_id", "label", "score"])
-    parts = cfg.ray.groupby_partitions or max(1, min(num_classes, 16))
+    parts = cfg.ray.groupby_partitions or max(1, min(num_classes, ds.count() // GROUPBY_ROWS_PER_PARTITION))
     grouped = ds.groupby("label", num_partitions=parts).map_groups(
         _select_group,
         batch_format="pandas",
@@ -311,6 +317,7 @@ def select_stage(cfg: D2CConfig, scores_dir: Path, out_dir: Path, num_classes: i
     write_json_atomic(out_dir / "reports.json", [r.to_dict() for r in reports])
     write_json_atomic(out_dir / SETTINGS_FILE, settings)
     (out_dir / SUCCESS_FILE).write_text("")
+    record("select", "rows_selected", len(sel))
     clamped = [r for r in reports if r.note]
     timer.done(len(sel), f"{len(clamped)} classes clamped/short" if clamped else "")
     return sel, reports

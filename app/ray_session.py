@@ -32,12 +32,15 @@ def init_ray(cfg: Optional[D2CConfig] = None, include_dashboard: Optional[bool] 
         ray.init(address=address, logging_level=logging.WARNING)
         return
     num_cpus = cfg.ray.num_cpus if cfg is not None else None
-    ray.init(
+    ctx = ray.init(
         num_cpus=num_cpus,
         dashboard_host=LOCAL_DASHBOARD_HOST,
         include_dashboard=include_dashboard,
         logging_level=logging.WARNING,
     )
+    # Ray's own helper processes that auto-connect must find THIS cluster, also when other
+    # local Ray instances run on the machine.
+    os.environ.setdefault("RAY_ADDRESS", ctx.address_info["gcs_address"])
 
 
 def quiet_data_context(progress: bool = True) -> None:

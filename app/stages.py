@@ -107,6 +107,20 @@ def decoded(ds, data_cfg: DataConfig):
                           num_cpus=data_cfg.decode_num_cpus)
 
 
+def image_keys(image_ids) -> np.ndarray:
+    """A stable int64 per image_id (sha256-derived): a sortable row key for numeric-only loaders."""
+    import hashlib
+
+    return np.asarray(
+        [int.from_bytes(hashlib.sha256(str(i).encode()).digest()[:8], "little") >> 1 for i in image_ids], np.int64
+    )
+
+
+def add_image_key(batch: pa.Table) -> pa.Table:
+    """Ray Data map: append the ``key`` column (see :func:`image_keys`)."""
+    return batch.append_column("key", pa.array(image_keys(batch.column("image_id").to_pylist()), pa.int64()))
+
+
 # ------------------------------------------------------------------------------------
 # Stage settings, atomic writes, timing
 # ------------------------------------------------------------------------------------

@@ -24,8 +24,9 @@ from typing import Any, Optional
 
 import numpy as np
 
+from app.metrics import record
 from app.ray_session import init_ray, quiet_data_context
-from app.stages import StageTimer, decoded, listing_table, table_blocks
+from app.stages import add_image_key, decoded, image_keys, listing_table, table_blocks
 from d2c.config import ConfigError, D2CConfig, build_config, check_paths
 
 #: Environment variable for fault-injection tests: the worker of rank 0 raises once at this step.
@@ -100,7 +101,7 @@ class EncodeFull:
         ok = np.asarray([r == "" for r in batch["reject"]])
         ids = [str(i) for i in batch["image_id"][ok]]
         z = encode_latents(self.autoencoder, batch["image"][ok], ids, self.cfg.score.seed).numpy()
-        return {"label": batch["label"][ok].astype(np.int64), "latent": z.reshape(len(z), -1)}
+        return {"label": batch["label"][ok].astype(np.int64), "latent": z.reshape(len(z), -1), "key": image_keys(ids)}
 
 
 def full_inputs(cfg: D2CConfig) -> dict[str, Any]:
@@ -147,6 +148,55 @@ def _to_batch(raw: dict, shapes: dict, text, use_visual: bool, hflip: bool, gene
         batch["text_emb"] = emb[batch["label"]]
         batch["text_mask"] = mask[batch["label"]]
     return batch
+
+
+class ShardBatches:
+    """One worker's batches, epoch by epoch.
+
+    Streaming (``train.cache_in_memory=false``): each epoch re-reads the shard through Ray
+    Data with a local shuffle. Cached (the default): the shard is read once, put in a
+    canonical order (by the image key), and each epoch is a permutation drawn from a
+    generator seeded by (train.seed, epoch, rank) — so an epoch's batches depend on the data
+    and those three numbers only, and a resume at (epoch, index) replays the same stream.
+    Re-creating a Ray Data iterator per epoch costs seconds, which dominates on small sets.
+    """
+
+    #: Rows per read when filling the cache.
+    READ_BATCH = 1024
+
+    def __init__(self, shard, per_worker: int, seed: int, rank: int, cache: bool):
+        self.shard, self.per_worker, self.seed, self.rank, self.cache = shard, per_worker, seed, rank, cache
+        self.rows = None
+
+    def _fill(self) -> None:
+        import torch
+
+        parts = list(self.shard.iter_torch_batches(batch_size=self.READ_BATCH))
+        if not parts:
+            raise RuntimeError("this worker's data shard is empty: use fewer train.num_workers than condensed rows")
+        rows = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        order = torch.argsort(rows["key"], stable=True)
+        self.rows = {k: v[order] for k, v in rows.items()}
+
+    def epoch(self, epoch: int):
+        """Iterate one epoch's batches (dicts of tensors, ``per_worker`` rows each; last partial dropped)."""
+        import torch
+
+        if not self.cache:
+            yield from self.shard.iter_torch_batches(
+                batch_size=self.per_worker, drop_last=True,
+                local_shuffle_buffer_size=self.per_worker * SHUFFLE_BATCHES,
+                local_shuffle_seed=int(np.random.SeedSequence([self.seed, epoch, self.rank]).generate_state(1)[0]),
+            )
+            return
+        if self.rows is None:
+            self._fill()
+        n = len(self.rows["key"])
+        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, epoch, self.rank]).generate_state(1)[0]))
+        perm = torch.randperm(n, generator=gen)
+        for i in range(n // self.per_worker):
+            idx = perm[i * self.per_worker : (i + 1) * self.per_worker]
+            yield {k: v[idx] for k, v in self.rows.items()}
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -197,13 +247,10 @@ def train_loop_per_worker(config: dict) -> None:
     log_path = Path(config["train_dir"]) / "metrics.jsonl"
     epoch, skip = int(position.get("epoch", 0)), int(position.get("index", 0))
     t_last, imgs = time.perf_counter(), 0
+    batches = ShardBatches(shard, per_worker, cfg.train.seed, rank, cfg.train.cache_in_memory)
     while trainer.step < cfg.train.steps:
-        it = shard.iter_torch_batches(
-            batch_size=per_worker, drop_last=True,
-            local_shuffle_buffer_size=per_worker * SHUFFLE_BATCHES, local_shuffle_seed=cfg.train.seed + 7919 * epoch + rank,
-        )
         index = 0
-        for raw in it:
+        for raw in batches.epoch(epoch):
             if index < skip:
                 index += 1
                 continue
@@ -224,6 +271,8 @@ def train_loop_per_worker(config: dict) -> None:
                 if rank == 0:
                     with open(log_path, "a") as f:
                         f.write(json.dumps(metrics) + "\n")
+                    record("train", "train_images_per_s", metrics["images_per_s"])
+                    record("train", "train_loss", metrics["loss"])
                 checkpoint = None
                 if do_ckpt and rank == 0:
                     state = dict(trainer.state_dict(), data={"epoch": epoch, "index": index})
@@ -274,7 +323,9 @@ def fit(cfg: D2CConfig, train_dir: Path, full: bool) -> Path:
             return latest
         print(f"[d2c] train: resuming at step {step} from {latest}", flush=True)
     ds = inputs["dataset"]
-    keep_cols = ["label", "latent"] + [c for c in TENSOR_COLUMNS if c in shapes and c != "latent"]
+    if "key" not in ds.schema().names:
+        ds = ds.map_batches(add_image_key, batch_format="pyarrow")
+    keep_cols = ["key", "label", "latent"] + [c for c in TENSOR_COLUMNS if c in shapes and c != "latent"]
     ds = ds.select_columns([c for c in keep_cols if c in ds.schema().names])
     print(f"[d2c] train: {inputs['rows']} rows, {inputs['num_classes']} classes, model {cfg.model.arch} "
           f"{kwargs['hidden_size']}x{kwargs['depth']} (text {'on' if kwargs.get('text_dim') else 'off'}, "
@@ -301,10 +352,10 @@ def fit(cfg: D2CConfig, train_dir: Path, full: bool) -> Path:
         ),
         datasets={"train": ds},
     )
-    timer = StageTimer("train")
+    start = time.perf_counter()
     trainer.fit()
     latest = latest_checkpoint(train_dir / "checkpoints")
-    timer.done(cfg.train.steps, f"latest checkpoint {latest}")
+    print(f"[d2c] train: reached step {cfg.train.steps} in {time.perf_counter() - start:.1f} s; latest checkpoint {latest}", flush=True)
     return latest
 
 

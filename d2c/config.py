@@ -223,6 +223,9 @@ class TrainConfig(_Section):
     log_every: int = Field(10, ge=1)
     ckpt_every: int = Field(500, ge=1)
     seed: int = 0
+    #: Read each worker's shard once and reshuffle it in memory every epoch (deterministic,
+    #: exactly resumable); off = stream every epoch through Ray Data (for sets beyond RAM).
+    cache_in_memory: bool = True
     #: Worker restarts Ray Train may do after a failure.
     max_failures: int = Field(2, ge=0)
 
@@ -298,15 +301,25 @@ class EvalConfig(_Section):
 
 
 class SweepConfig(_Section):
-    ks: list[int] = Field(default_factory=lambda: [24, 48, 96])
-    budgets: list[int] = Field(default_factory=lambda: [480, 2400])
-    methods: list[str] = Field(default_factory=lambda: ["d2c"])
-    #: Samples for the sweep's FID (FID-10K on ImageNet).
+    """``d2c sweep``: a Ray Tune search over config values, every trial reusing one scores table."""
+
+    #: Dotted config key → values; grid search takes their product (e.g. select.k × select.budget).
+    grid: dict[str, list[Any]] = Field(default_factory=lambda: {"select.k": [24, 48, 96], "select.budget": [480, 2400]})
+    #: Generated images per FID report (FID-10K on ImageNet; smaller on the embedded data).
     fid_samples: int = Field(500, ge=2)
+    #: Training steps between FID reports (None = once, at the end); ASHA stops on these.
+    eval_every: Optional[int] = Field(None, ge=1)
+    #: "grid": every combination; "random": ``num_samples`` random draws from the lists.
     search_alg: Literal["grid", "random"] = "grid"
     num_samples: int = Field(1, ge=1)
+    #: ASHA early stopping on FID (needs eval_every < train.steps to have anything to stop).
     asha: bool = False
+    asha_grace_period: int = Field(1, ge=1)
     max_concurrent_trials: int = Field(1, ge=1)
+    #: CPUs of a trial's driver process (its TorchTrainer workers reserve their own).
+    trial_cpus: float = Field(0.1, gt=0)
+    #: Directory of the sweep's results (None = RUN_DIR/sweep).
+    dir: Optional[str] = None
 
 
 class DemoConfig(_Section):

@@ -56,7 +56,7 @@ STOP_GRACE_S = 30
 KILL_WAIT_S = 10
 POLL_S = 0.5
 METRICS_TIMEOUT_S = 60
-#: Ports `ray start` needs besides the GCS port; each gets a free port so nothing clashes
+#: The ports `ray start --head` binds (GCS included); each gets a free port so nothing clashes
 #: with another Ray on the machine (the test session's own, or another user's).
 RAY_PORT_FLAGS = ("--port", "--dashboard-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
                   "--metrics-export-port", "--runtime-env-agent-port", "--ray-client-server-port",
@@ -136,6 +136,8 @@ def test_launcher_config_installs_project_and_mounts_shared_storage(cloud):
     assert ".gitignore" in raw["rsync_filter"] and ".venv" in raw["rsync_exclude"]
     setup = " ".join(raw["setup_commands"])
     assert "-c ~/d2c/requirements-lock.txt -e ~/d2c" in setup
+    # The autoscaler on the head needs the cloud's SDK (Ray's defaults install it; we keep it).
+    assert ("boto3" if cloud == "aws" else "google-api-python-client") in " ".join(raw["head_setup_commands"])
     mount = " ".join(raw["initialization_commands"])
     assert "/mnt/d2c" in mount and ("s3fs" if cloud == "aws" else "gcsfuse") in mount
     assert "--volume /mnt/d2c:/mnt/d2c" in raw["docker"]["run_options"]
@@ -268,6 +270,15 @@ def test_runtime_env_file():
     assert env_vars["HF_HUB_OFFLINE"] == "1" and env_vars["TRANSFORMERS_OFFLINE"] == "1"
     for var in SHARED_STORAGE_VARS:
         assert env_vars[var].startswith("/mnt/d2c/")
+
+
+def test_dockerfile_matches_the_repository():
+    """Same Ray as the client, and every COPY source exists (a missing one fails the build)."""
+    lines = [l.split() for l in (CLUSTER / "Dockerfile").read_text().splitlines() if l and not l.startswith("#")]
+    (base,) = [l[1] for l in lines if l[0] == "FROM"]
+    assert base == f"rayproject/ray:{_ray_version()}-py311-gpu"
+    sources = [src for l in lines if l[0] == "COPY" for src in l[1:-1] if not src.startswith("--")]
+    assert sources and all((ROOT / src).exists() for src in sources), sources
 
 
 # ------------------------------------------------------------------------------------
@@ -432,6 +443,30 @@ def _session_pids(sid: int) -> list[int]:
     return pids
 
 
+def _is_running(pid: int) -> bool:
+    """False for a PID that is gone or a zombie (dead, waiting only to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _head_processes(marker: str, sid: int) -> set[int]:
+    """Live processes of the test head: its session, plus anything carrying its marker."""
+    return {p for p in set(_marked_pids(marker)) | set(_session_pids(sid)) if p != os.getpid() and _is_running(p)}
+
+
+def _wait_gone(marker: str, sid: int, timeout: float) -> set[int]:
+    deadline = time.monotonic() + timeout
+    left = _head_processes(marker, sid)
+    while left and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+        left = _head_processes(marker, sid)
+    return left
+
+
 def _signal_all(pids, sig) -> None:
     for pid in pids:
         try:
@@ -443,31 +478,33 @@ def _signal_all(pids, sig) -> None:
 def _stop_head(head: subprocess.Popen, marker: str) -> list[int]:
     """Stop the head we started and every process it spawned; returns PIDs that survived.
 
-    SIGTERM to `ray start --block` shuts its Ray processes down; then whatever still carries
-    our marker in its environment, or sits in the head's session (the job's driver runs in
-    a session of its own, hence the marker), gets SIGTERM and, after a grace, SIGKILL.
+    First what Ctrl-C does: SIGINT to `ray start --block`, which shuts down the Ray processes
+    it started (in ~2 s; its SIGTERM path waits ~30 s). Then, like `ray stop` but scoped to
+    this head: SIGTERM, and after a grace SIGKILL, to whatever still runs in the head's
+    session or carries our marker in its environment (the job's driver runs in a session of
+    its own, hence the marker).
     """
     if head.poll() is None:
-        head.send_signal(signal.SIGTERM)
+        head.send_signal(signal.SIGINT)
         try:
             head.wait(timeout=STOP_GRACE_S)
         except subprocess.TimeoutExpired:
-            head.kill()
-            head.wait(timeout=KILL_WAIT_S)
-    left = set(_marked_pids(marker)) | set(_session_pids(head.pid))
-    _signal_all(left, signal.SIGTERM)
-    deadline = time.monotonic() + KILL_WAIT_S
-    while left and time.monotonic() < deadline:
-        time.sleep(POLL_S)
-        left = set(_marked_pids(marker)) | set(_session_pids(head.pid))
-    _signal_all(left, signal.SIGKILL)
-    time.sleep(POLL_S)
-    return sorted(set(_marked_pids(marker)) | set(_session_pids(head.pid)))
+            pass
+    left = _head_processes(marker, head.pid)
+    for sig, grace in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, KILL_WAIT_S)):
+        if not left:
+            break
+        _signal_all(left, sig)
+        left = _wait_gone(marker, head.pid, grace)
+    try:
+        head.wait(timeout=KILL_WAIT_S)  # reap our child
+    except subprocess.TimeoutExpired:
+        pass
+    return sorted(left)
 
 
-def _tiny_condense_overrides(run_dir: Path, scorer: str) -> list[str]:
-    """conftest.tiny_cfg as `key=value` overrides of configs/embedded.yaml (same values)."""
-    from d2c.config import load_config
+def _overrides(cfg, base) -> list[str]:
+    """`key=value` overrides that turn config ``base`` into ``cfg`` (changed leaves only)."""
 
     def flat(d, prefix=""):
         out = {}
@@ -478,9 +515,8 @@ def _tiny_condense_overrides(run_dir: Path, scorer: str) -> list[str]:
                 out[f"{prefix}{k}"] = v
         return out
 
-    base = flat(load_config(ROOT / "configs" / "embedded.yaml").to_dict())
-    tiny = flat(tiny_cfg(run_dir, scorer).to_dict())
-    return [f"{k}={json.dumps(v)}" for k, v in sorted(tiny.items()) if base.get(k) != v]
+    old, new = flat(base.to_dict()), flat(cfg.to_dict())
+    return [f"{k}={json.dumps(v)}" for k, v in sorted(new.items()) if old.get(k) != v]
 
 
 def _http_status(url: str, token: str | None) -> int:
@@ -490,6 +526,13 @@ def _http_status(url: str, token: str | None) -> int:
             return resp.status
     except urllib.error.HTTPError as err:
         return err.code
+
+
+def _head_diagnostics(tmp: Path, job_id: str, chars: int = 3000) -> str:
+    """Tails of the head's own logs, for a failure message."""
+    logs = [tmp / "head.log", tmp / "session_latest" / "logs" / "dashboard.log",
+            tmp / "session_latest" / "logs" / f"job-driver-{job_id}.log"]
+    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-chars:]}" for p in logs if p.is_file())
 
 
 def _http_json(url: str, token: str) -> dict:
@@ -523,8 +566,8 @@ def local_head():
     dashboard = f"http://{LOCAL_HOST}:{ports['--dashboard-port']}"
     with open(log_path, "w") as log:
         head = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
-    info = {"dashboard": dashboard, "dashboard_port": ports["--dashboard-port"], "token": token, "tmp": tmp,
-            "log": log_path, "client_env": dict(env, RAY_AUTH_MODE="token")}
+    info = {"dashboard": dashboard, "dashboard_port": ports["--dashboard-port"], "token": token,
+            "client_env": dict(env, RAY_AUTH_MODE="token"), "tmp": tmp}
     try:
         deadline = time.monotonic() + HEAD_START_TIMEOUT_S
         while True:
@@ -560,24 +603,30 @@ def test_job_submit_condense_on_a_local_head(local_head, scorer_ckpt, tmp_path):
     env_file = tmp_path / "runtime_env.yaml"
     env_file.write_text(yaml.safe_dump(runtime_env))
 
+    from d2c.config import load_config
+
     run_dir = tmp_path / "run"
+    cfg = tiny_cfg(run_dir, scorer_ckpt)  # the test suite's tiny condense run, ~100 images
+    overrides = _overrides(cfg, load_config(ROOT / "configs" / "embedded.yaml"))
     job_id = f"d2c-test-{uuid.uuid4().hex[:8]}"
-    submit = [head["client_env"]["RAY"], "job", "submit", "--address", head["dashboard"], "--submission-id", job_id, "--runtime-env", str(env_file), "--working-dir", ".",
-                        "--", "d2c", "condense", "--config", "configs/embedded.yaml",
-                        *_tiny_condense_overrides(run_dir, scorer_ckpt)]
+    submit = [head["client_env"]["RAY"], "job", "submit", "--address", head["dashboard"], "--submission-id", job_id,
+              "--runtime-env", str(env_file), "--working-dir", ".",
+              "--", "d2c", "condense", "--config", "configs/embedded.yaml", *overrides]
     try:
         r = subprocess.run(submit, env=head["client_env"], cwd=ROOT, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
     except subprocess.TimeoutExpired as err:
         pytest.fail(f"job {job_id} did not finish within {JOB_TIMEOUT_S}s:\n{(err.stdout or b'')[-4000:]!r}")
-    info = _http_json(f"{head['dashboard']}/api/jobs/{job_id}", head["token"])
+    try:
+        info = _http_json(f"{head['dashboard']}/api/jobs/{job_id}", head["token"])
+    except urllib.error.HTTPError as err:  # 404: the submission itself failed
+        info = {"status": f"HTTP {err.code}", "message": "the head has no such job"}
     assert info["status"] == "SUCCEEDED", (
         f"job {job_id}: {info.get('status')} {info.get('message')}\n--- submit rc={r.returncode}\n"
-        f"{r.stdout[-6000:]}\n{r.stderr[-3000:]}")
+        f"{r.stdout[-6000:]}\n{r.stderr[-3000:]}\n{_head_diagnostics(head['tmp'], job_id)}")
     assert r.returncode == 0
 
     # The run directory the job wrote (DESIGN.md, Artifacts).
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    cfg = tiny_cfg(run_dir, scorer_ckpt)
     assert manifest["rows"]["listed"] == cfg.data.max_per_class * len(manifest["class_names"])
     assert manifest["rows"]["selected"] == cfg.select.budget
     for done in ("scores/_SUCCESS", "selection/_SUCCESS", "condensed/_SUCCESS", "text_embeddings.safetensors"):

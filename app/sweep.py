@@ -1,0 +1,254 @@
+"""``d2c sweep``: Ray Tune over config values (by default interval k × data budget).
+
+    scores (computed once, or ``score.reuse_from``) ─► Tuner(grid | random, ASHA optional)
+      trial: select from the scores table (no re-scoring) ─► attach (latents + visual tokens
+      cached by image_id across trials) ─► TorchTrainer inside the trial ─► FID-N every
+      ``sweep.eval_every`` steps ─► tune.report
+    ─► SWEEP/results.csv (+ .parquet), best value per budget, the report's FID-vs-k plot
+
+A trial driver reserves only ``sweep.trial_cpus`` (its TorchTrainer workers reserve their own),
+so small clusters do not deadlock. An interrupted sweep resumes with ``Tuner.restore`` and
+finished trials are not redone; a trial's own checkpoints make its training resumable too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from app.condense import RunDir, attach_stage, resolve_scorer, reused_scores, score_stage
+from app.ray_session import init_ray, quiet_data_context
+from app.stages import write_json_atomic
+from d2c.config import ConfigError, D2CConfig, apply_overrides, build_config, check_paths
+from d2c.data.source import Listing, list_source
+from d2c.select.baselines import make_chooser
+from d2c.select.interval import select_table
+
+RESULTS_CSV = "results.csv"
+RESULTS_PARQUET = "results.parquet"
+#: Columns of the results table besides one column per swept key.
+RESULT_COLUMNS = ["k", "budget", "method", "steps", "fid", "kid", "wall_time_s", "trial_dir"]
+
+
+def sweep_dir_of(cfg: D2CConfig) -> Path:
+    return Path(cfg.sweep.dir) if cfg.sweep.dir else Path(cfg.run_dir) / "sweep"
+
+
+def trial_overrides(params: dict[str, Any]) -> list[str]:
+    return [f"{k}={json.dumps(v)}" for k, v in sorted(params.items())]
+
+
+def trial_name(params: dict[str, Any]) -> str:
+    """A readable, stable directory name for one point of the search space."""
+    text = ",".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(params.items()))
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
+    safe = "".join(c if c.isalnum() or c in "=,-_." else "_" for c in text)
+    return f"{safe}-{digest}"
+
+
+def grid_points(cfg: D2CConfig) -> list[dict[str, Any]]:
+    """Every point of ``sweep.grid``, each validated as a config before anything runs."""
+    keys = sorted(cfg.sweep.grid)
+    points = [dict(zip(keys, values)) for values in itertools.product(*(cfg.sweep.grid[k] for k in keys))]
+    for p in points:
+        try:
+            build_config(apply_overrides(cfg.to_dict(), trial_overrides(p)))
+        except ConfigError as err:
+            raise ConfigError(f"sweep.grid point {p} is not a valid config: {err}") from None
+    return points
+
+
+# ------------------------------------------------------------------------------------
+# Attach with a cross-trial cache
+# ------------------------------------------------------------------------------------
+
+
+def cached_attach(cfg: D2CConfig, listing: Listing, sel: pd.DataFrame, cache: Path, out: Path) -> int:
+    """Write ``out`` (a condensed set) for ``sel``, encoding only images not yet in ``cache``.
+
+    The cache is a directory of parquet parts in the condensed format, one part per
+    encoding pass, keyed by image_id (duplicates from concurrent trials are harmless).
+    Returns the number of images encoded by this call.
+    """
+    cache.mkdir(parents=True, exist_ok=True)
+    parts = sorted(cache.glob("part-*/*.parquet"))
+    have = set()
+    for p in parts:
+        have.update(pq.read_table(p, columns=["image_id"]).column("image_id").to_pylist())
+    missing = sel[~sel["image_id"].isin(have)]
+    if len(missing):
+        scratch = RunDir(cache / f"tmp-{time.time_ns()}")
+        scratch.root.mkdir(parents=True)
+        # the cache always holds every feature the attach config can give (trials may differ in
+        # model.use_visual); text embeddings are per class and live beside the sweep instead
+        enc = build_config(apply_overrides(cfg.to_dict(), ["attach.text.encoder=none", "model.use_visual=true"]))
+        attach_stage(enc, listing, missing, scratch)
+        scratch.condensed.rename(cache / f"part-{time.time_ns()}")
+        shutil.rmtree(scratch.root, ignore_errors=True)
+        parts = sorted(cache.glob("part-*/*.parquet"))
+    wanted = set(sel["image_id"])
+    tables = []
+    for p in parts:
+        t = pq.read_table(p)
+        mask = pa.array([i in wanted for i in t.column("image_id").to_pylist()])
+        tables.append(t.filter(mask))
+    table = pa.concat_tables(tables)
+    # one row per image (a concurrent trial may have encoded the same image)
+    ids = table.column("image_id").to_pylist()
+    first = {i: n for n, i in reversed(list(enumerate(ids)))}
+    table = table.take(sorted(first.values()))
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, out / "part-00000.parquet")
+    return len(missing)
+
+
+# ------------------------------------------------------------------------------------
+# The trial
+# ------------------------------------------------------------------------------------
+
+
+def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """Tune function trainable: one point of the search space, reporting FID periodically."""
+    from ray import tune
+
+    from app.evaluate import run_evaluate
+    from app.train import fit
+
+    start = time.perf_counter()
+    cfg = build_config(apply_overrides(ctx["base"], trial_overrides(params)))
+    tdir = Path(ctx["sweep_dir"]) / "trials" / trial_name(params)
+    condense = tdir / "condense"
+    condensed = condense / "condensed"
+    listing = list_source(cfg.data)
+    if not (condensed / "part-00000.parquet").is_file():
+        scores = pd.read_parquet(ctx["scores_dir"], columns=["image_id", "label", "score"])
+        chooser = make_chooser(cfg.select.method, cfg.select.seed)
+        sel, reports = select_table(scores, cfg.select.budget, cfg.select.method, cfg.select.k, cfg.select.shortfall,
+                                    listing.num_classes, chooser)
+        condense.mkdir(parents=True, exist_ok=True)
+        sel.to_parquet(condense / "selection.parquet", index=False)
+        write_json_atomic(condense / "manifest.json", {"class_names": listing.class_names, "params": params,
+                                                       "per_class": [r.to_dict() for r in reports]})
+        text = Path(ctx["sweep_dir"]) / "text_embeddings.safetensors"
+        if text.is_file():
+            shutil.copyfile(text, condense / text.name)
+        cached_attach(cfg, listing, sel, Path(ctx["sweep_dir"]) / "attach_cache", condensed)
+    total = cfg.train.steps
+    every = cfg.sweep.eval_every or total
+    ends = sorted(set(list(range(every, total, every)) + [total]))
+    for end in ends:
+        step_cfg = build_config(apply_overrides(cfg.to_dict(), [
+            f"condensed={condensed}", f"train_dir={tdir / 'train'}", f"train.steps={end}",
+            f"checkpoint={tdir / 'train' / 'checkpoints'}", f"eval_dir={tdir / f'eval-{end:07d}'}",
+            f"eval.num_samples={cfg.sweep.fid_samples}",
+        ]))
+        fit(step_cfg, tdir / "train", full=False)
+        run_evaluate(step_cfg)
+        m = json.loads((tdir / f"eval-{end:07d}" / "metrics.json").read_text())
+        tune.report({"fid": float(m["fid"]), "kid": float(m.get("kid_mean", float("nan"))), "steps": end,
+                     "wall_time_s": time.perf_counter() - start, "trial_dir": str(tdir)})
+
+
+# ------------------------------------------------------------------------------------
+# The sweep
+# ------------------------------------------------------------------------------------
+
+
+def prepare_scores(cfg: D2CConfig, listing: Listing) -> Path:
+    """The scores every trial selects from: reused, or computed once in ``run_dir``."""
+    if cfg.score.reuse_from:
+        return reused_scores(cfg, listing).scores
+    run = RunDir(cfg.run_dir)
+    run.root.mkdir(parents=True, exist_ok=True)
+    score_stage(cfg, listing, run, resolve_scorer(cfg))
+    return run.scores
+
+
+def results_table(grid, sweep_dir: Path, keys: list[str]) -> pd.DataFrame:
+    """Every FID report of every trial: one row per (trial, steps)."""
+    rows = []
+    for result in grid:
+        df = result.metrics_dataframe
+        if df is None or not len(df):
+            continue
+        params = result.config["params"]
+        cfg = build_config(apply_overrides(result.config["ctx"]["base"], trial_overrides(params)))
+        for _, r in df.iterrows():
+            row = {k: params.get(k) for k in keys}
+            row.update(k=cfg.select.k, budget=cfg.select.budget, method=cfg.select.method, steps=int(r["steps"]),
+                       fid=float(r["fid"]), kid=float(r["kid"]), wall_time_s=float(r["wall_time_s"]), trial_dir=r["trial_dir"])
+            rows.append(row)
+    return pd.DataFrame(rows, columns=keys + [c for c in RESULT_COLUMNS if c not in keys])
+
+
+def run_sweep(cfg: D2CConfig) -> int:
+    """``d2c sweep``: validate the grid, score once, tune, write the results table."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    check_paths(cfg, ("data", "score", "attach"))
+    points = grid_points(cfg)
+    sweep_dir = sweep_dir_of(cfg).resolve()
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    listing = list_source(cfg.data)
+    init_ray(cfg)
+    quiet_data_context()
+    scores_dir = prepare_scores(cfg, listing)
+    if cfg.attach.text.encoder != "none" and cfg.model.use_text:
+        from d2c.attach.text import compute_text_embeddings, save_text_embeddings
+
+        text = sweep_dir / "text_embeddings.safetensors"
+        if not text.is_file():
+            emb, mask = compute_text_embeddings(cfg.attach.text, listing.class_names)
+            save_text_embeddings(text, emb, mask, listing.class_names, cfg.attach.text)
+    ctx = {"base": cfg.to_dict(), "sweep_dir": str(sweep_dir), "scores_dir": str(scores_dir)}
+    if cfg.sweep.search_alg == "grid":
+        space = {"params": tune.grid_search(points), "ctx": ctx}
+        num_samples = 1
+    else:
+        space = {"params": {k: tune.choice(v) for k, v in cfg.sweep.grid.items()}, "ctx": ctx}
+        num_samples = cfg.sweep.num_samples
+    trainable = tune.with_resources(lambda config: run_trial(config["params"], config["ctx"]), {"cpu": cfg.sweep.trial_cpus})
+    scheduler = ASHAScheduler(grace_period=cfg.sweep.asha_grace_period, time_attr="steps") if cfg.sweep.asha else None
+    path = sweep_dir / "tune"
+    print(f"[d2c] sweep: {len(points) if cfg.sweep.search_alg == 'grid' else num_samples} trials over {sorted(cfg.sweep.grid)} "
+          f"reusing {scores_dir} -> {sweep_dir}", flush=True)
+    start = time.perf_counter()
+    if tune.Tuner.can_restore(str(path)):
+        print(f"[d2c] sweep: resuming {path} (finished trials are kept)", flush=True)
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(metric="fid", mode="min", num_samples=num_samples, scheduler=scheduler,
+                                        max_concurrent_trials=cfg.sweep.max_concurrent_trials),
+            run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir)),
+        )
+    grid = tuner.fit()
+    errors = [r.error for r in grid if r.error]
+    table = results_table(grid, sweep_dir, sorted(cfg.sweep.grid))
+    table.to_csv(sweep_dir / RESULTS_CSV, index=False)
+    table.to_parquet(sweep_dir / RESULTS_PARQUET, index=False)
+    write_json_atomic(sweep_dir / "sweep.json", {"config": cfg.to_dict(), "scores_dir": str(scores_dir),
+                                                 "wall_time_s": time.perf_counter() - start, "trials": len(grid),
+                                                 "errors": [str(e) for e in errors]})
+    if len(table):
+        final = table.sort_values("steps").groupby("trial_dir").tail(1)
+        best = final.loc[final.groupby("budget")["fid"].idxmin()]
+        for _, r in best.iterrows():
+            print(f"[d2c] sweep: budget {r['budget']}: best k={r['k']} (FID {r['fid']:.2f} after {r['steps']} steps)", flush=True)
+    print(f"[d2c] sweep: results in {sweep_dir / RESULTS_CSV}", flush=True)
+    if errors:
+        print(f"[d2c] sweep: {len(errors)} trial(s) failed; rerun the same command to retry them", flush=True)
+        return 1
+    return 0
