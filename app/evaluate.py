@@ -26,10 +26,10 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import math
 import os
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -230,6 +230,7 @@ def sampling_plan(cfg: D2CConfig, meta: dict[str, Any]):
 
 
 def check_reference(cfg: D2CConfig) -> None:
+    """Refuse an ``eval.reference`` that is not a split name or a readable ADM .npz (naming the key)."""
     ref = cfg.eval.reference
     if ref in SPLIT_REFERENCES:
         if ref == "test" and cfg.data.source not in SOURCES_WITH_TEST_SPLIT:
@@ -242,6 +243,16 @@ def check_reference(cfg: D2CConfig) -> None:
         raise ConfigError(f"eval.reference must be 'test', 'train' or an ADM reference .npz file; got {ref!r}")
     if not os.path.isfile(ref):
         raise ConfigError(f"eval.reference: {ref!r} does not exist")
+    try:
+        with np.load(ref, allow_pickle=False) as z:
+            files = list(z.files)
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise ConfigError(f"eval.reference: {ref!r} cannot be read as an .npz ({err})") from None
+    from d2c.eval.fid import NPZ_IMAGES, NPZ_MU, NPZ_SIGMA
+
+    if not ({NPZ_MU, NPZ_SIGMA} <= set(files) or NPZ_IMAGES in files):
+        raise ConfigError(f"eval.reference: {ref!r} holds neither ADM statistics ({NPZ_MU}, {NPZ_SIGMA}) nor images "
+                          f"({NPZ_IMAGES}); found {files}")
 
 
 # ------------------------------------------------------------------------------------
@@ -374,9 +385,10 @@ def _row_digest(row: dict[str, Any]) -> str:
 
 
 def balanced_reference_rows(cfg: D2CConfig, num_classes: int) -> tuple[list[dict[str, Any]], DataConfig, list[int]]:
-    """The first ``ceil``-quota images of each class of the reference split, class-balanced.
+    """``eval.reference_size`` class-balanced images of the reference split: the first ones of each class.
 
-    Class c gets ``reference_size // C`` (+1 for the first ``reference_size mod C`` classes).
+    Class c gets ``reference_size // C`` images (+1 for the first ``reference_size mod C``
+    classes), the first ones in source order; a class with fewer is refused.
 
     Returns:
         (listing rows in listing order, the DataConfig they were listed with, per-class counts).
@@ -449,7 +461,17 @@ def _save_cached(path: Path, key: str, extractor_id: str, pool: np.ndarray, spat
     )
 
 
-def _featurise_dataset(cfg: D2CConfig, rows: list[dict[str, Any]], data_cfg: DataConfig) -> dict[str, np.ndarray]:
+def _cached_stats(cached: dict[str, np.ndarray]):
+    """(pool, spatial) :class:`FeatureStats` stored in a reference cache file (ADM's mu/sigma, mu_s/sigma_s)."""
+    from d2c.eval.fid import NPZ_MU, NPZ_MU_SPATIAL, NPZ_N, NPZ_N_SPATIAL, NPZ_SIGMA, NPZ_SIGMA_SPATIAL, FeatureStats
+
+    def stats(mu: str, sigma: str, n: str) -> FeatureStats:
+        return FeatureStats(np.asarray(cached[mu], np.float64), np.asarray(cached[sigma], np.float64), int(cached[n]))
+
+    return stats(NPZ_MU, NPZ_SIGMA, NPZ_N), stats(NPZ_MU_SPATIAL, NPZ_SIGMA_SPATIAL, NPZ_N_SPATIAL)
+
+
+def featurise_dataset(cfg: D2CConfig, rows: list[dict[str, Any]], data_cfg: DataConfig) -> dict[str, np.ndarray]:
     """Decode (CPU tasks) + Inception actor pool over listing rows → pool/spatial/label/reject on the driver."""
     import ray
 
@@ -462,14 +484,13 @@ def _featurise_dataset(cfg: D2CConfig, rows: list[dict[str, Any]], data_cfg: Dat
     return {k: v[order] for k, v in out.items()}
 
 
-def _featurise_images(cfg: D2CConfig, images: np.ndarray) -> dict[str, np.ndarray]:
+def featurise_images(cfg: D2CConfig, images: np.ndarray) -> dict[str, np.ndarray]:
     """Inception actor pool over uint8 images ``[N, H, W, C]`` → pool/spatial in image order."""
-    import ray
-
-    e = cfg.eval
     import pyarrow as pa
+    import ray
     from ray.data.extensions import ArrowTensorArray
 
+    e = cfg.eval
     # One block per Inception batch: positions and pixels travel together through the object store.
     step = e.inception_batch_size
     tables = [pa.table({"pos": pa.array(np.arange(s, min(s + step, len(images))), pa.int64()),
@@ -489,7 +510,7 @@ def reference_statistics(cfg: D2CConfig, num_classes: int, extractor_id: str) ->
         ``{"feats": pool [N, 2048] | None, "stats": FeatureStats, "spatial": FeatureStats | None,
         "info": JSON description}``.
     """
-    from d2c.eval.fid import NPZ_IMAGES, FeatureStats, load_reference_npz
+    from d2c.eval.fid import NPZ_IMAGES, NPZ_MU, NPZ_SIGMA, load_reference_npz
 
     ref = cfg.eval.reference
     if ref in SPLIT_REFERENCES:
@@ -505,7 +526,7 @@ def reference_statistics(cfg: D2CConfig, num_classes: int, extractor_id: str) ->
         info.update(cache_file=str(path), key=key, cached_before=cached is not None)
         if cached is None:
             timer = StageTimer("reference features")
-            out = _featurise_dataset(cfg, rows, data_cfg)
+            out = featurise_dataset(cfg, rows, data_cfg)
             ok = np.asarray([r == "" for r in out["reject"]])
             _save_cached(path, key, extractor_id, out["pool"][ok], out["spatial"][ok], out["label"][ok])
             timer.done(len(rows), f"cached in {path}")
@@ -513,15 +534,15 @@ def reference_statistics(cfg: D2CConfig, num_classes: int, extractor_id: str) ->
         else:
             print(f"[d2c] evaluate: reference statistics cached in {path} — reused", flush=True)
         info["rejected"] = int(len(rows) - len(cached[NPZ_POOL_FEATURES]))
-        pool, spatial = cached[NPZ_POOL_FEATURES], cached[NPZ_SPATIAL_FEATURES]
-        return dict(feats=pool, stats=FeatureStats.from_features(pool), spatial=FeatureStats.from_features(spatial), info=info)
+        pool_stats, spatial_stats = _cached_stats(cached)
+        return dict(feats=cached[NPZ_POOL_FEATURES], stats=pool_stats, spatial=spatial_stats, info=info)
 
     # An ADM reference batch.
     with np.load(ref, allow_pickle=False) as z:
         files = list(z.files)
     info = dict(kind="adm_npz", path=str(Path(ref).resolve()), arrays=files)
     stats = spatial = feats = None
-    if "mu" in files and "sigma" in files:
+    if NPZ_MU in files and NPZ_SIGMA in files:
         loaded = load_reference_npz(ref)
         stats, spatial = loaded.pool, loaded.spatial
         info["fid_statistics_from"] = "the file's mu/sigma (and mu_s/sigma_s for sFID), as ADM's evaluator"
@@ -536,7 +557,7 @@ def reference_statistics(cfg: D2CConfig, num_classes: int, extractor_id: str) ->
             if images.dtype != np.uint8 or images.ndim != 4:
                 raise ConfigError(f"eval.reference: {ref!r}'s {NPZ_IMAGES} must be uint8 N x H x W x 3, got {images.dtype} {images.shape}")
             timer = StageTimer("reference features")
-            out = _featurise_images(cfg, images)
+            out = featurise_images(cfg, images)
             _save_cached(path, key, extractor_id, out["pool"], out["spatial"], np.full(len(images), -1))
             timer.done(len(images), f"cached in {path}")
             cached = _load_cached(path, key)
@@ -545,8 +566,7 @@ def reference_statistics(cfg: D2CConfig, num_classes: int, extractor_id: str) ->
         feats = cached[NPZ_POOL_FEATURES]
         info.update(cache_file=str(path), key=key, size=int(len(feats)))
         if stats is None:
-            stats = FeatureStats.from_features(feats)
-            spatial = FeatureStats.from_features(cached[NPZ_SPATIAL_FEATURES])
+            stats, spatial = _cached_stats(cached)
             info["fid_statistics_from"] = "features of the file's arr_0 images"
     if stats is None:
         raise ConfigError(f"eval.reference: {ref!r} holds neither mu/sigma nor arr_0 images (found {files})")
@@ -646,6 +666,19 @@ def _reference_id(cfg: D2CConfig) -> str:
     return f"npz:{file_digest(ref)}"
 
 
+def _class_names(meta: dict[str, Any], text_path: Optional[Path]) -> Optional[list[str]]:
+    """Class names for the grids: from the text embeddings' metadata, else the condense manifest, else None."""
+    if text_path is not None:
+        from d2c.attach.text import load_text_embeddings
+
+        return load_text_embeddings(text_path)[2] or None
+    condensed = (meta.get("config") or {}).get("condensed")
+    manifest = Path(condensed).parent / "manifest.json" if condensed else None
+    if manifest is not None and manifest.is_file():
+        return json.loads(manifest.read_text()).get("class_names")
+    return None
+
+
 def _versions() -> dict[str, str]:
     import ray
     import torch
@@ -704,7 +737,7 @@ def run_evaluate(cfg: D2CConfig) -> int:
     t_metrics = time.perf_counter() - t0
 
     save_samples_npz(str(out_dir / SAMPLES_FILE), samples["image"], samples["label"])
-    class_names = (meta.get("config") or {}).get("class_names")
+    class_names = _class_names(meta, text_path)
     grids = write_grids(out_dir / GRIDS_DIR, samples["image"], samples["label"], num_classes, cfg.eval.grid_per_class, class_names)
 
     e = cfg.eval
@@ -738,7 +771,7 @@ def run_evaluate(cfg: D2CConfig) -> int:
         "not_computed": not_computed,
         "files": {"samples": SAMPLES_FILE, "grids": [str(p.relative_to(out_dir)) for p in grids]},
         "timing": {"reference_s": round(t_ref, 3), "sampling_and_features_s": round(t_samples, 3),
-                   "samples_per_s": round(e.num_samples / max(t_samples, 1e-9), 3), "metrics_s": round(t_metrics, 3),
+                   "samples_per_s": round(e.num_samples / t_samples, 3), "metrics_s": round(t_metrics, 3),
                    "total_s": round(total, 3)},
         "how": HOW,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -77,19 +77,20 @@ def overview_grid(
     """One row per class (label order) with its first ``per_class`` images in sample order.
 
     Returns:
-        PIL image of ``num_classes`` rows × ``per_class`` columns; a class with fewer samples
-        leaves its remaining cells blank.
+        PIL image of ``num_classes`` rows × ``min(per_class, largest class count)`` columns; a
+        class with fewer samples leaves its remaining cells blank.
     """
     images = _as_nhwc(images)
     labels = np.asarray(labels)
     if labels.shape != (len(images),):
         raise ValueError(f"labels must be [N={len(images)}], got {labels.shape}")
     n, h, w, c = images.shape
-    cells = np.full((num_classes * per_class, h, w, c), GRID_BACKGROUND, np.uint8)
+    columns = max(1, min(per_class, int(np.bincount(labels, minlength=num_classes).max(initial=0))))
+    cells = np.full((num_classes * columns, h, w, c), GRID_BACKGROUND, np.uint8)
     for label in range(num_classes):
-        chosen = np.flatnonzero(labels == label)[:per_class]
-        cells[label * per_class : label * per_class + len(chosen)] = images[chosen]
-    return tile(cells, per_class, rows=num_classes, padding=padding)
+        chosen = np.flatnonzero(labels == label)[:columns]
+        cells[label * columns : label * columns + len(chosen)] = images[chosen]
+    return tile(cells, columns, rows=num_classes, padding=padding)
 
 
 def write_grids(

@@ -58,8 +58,6 @@ from d2c.train.objective import ARCH_DIT, ARCH_SIT, schedule_from_description
 
 #: Samplers each architecture supports (config ``eval.sampler``).
 SAMPLERS: dict[str, tuple[str, ...]] = {ARCH_DIT: ("ddpm", "ddim"), ARCH_SIT: ("ode", "sde")}
-#: Samplers that draw noise at every step (and so need per-sample step noise).
-STOCHASTIC_SAMPLERS = ("ddpm", "sde")
 #: Fewest steps each sampler can run (a respaced DDPM schedule needs 2 betas; the SDE
 #: needs one stochastic step before its last noise-free step).
 MIN_STEPS = {"ddpm": 2, "ddim": 2, "ode": 1, "sde": 2}
