@@ -27,6 +27,9 @@ from d2c.diffusion.interpolant import (
 )
 
 ModelFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+#: Step noise: ``noise_fn(x [N, ...]) -> z`` standard normal shaped like ``x`` (callers that
+#: own per-sample generators pass their own; the default draws from ``generator``).
+NoiseFn = Callable[[Tensor], Tensor]
 
 #: SiT's default Euler–Maruyama settings: 250 model evaluations, the last one a noise-free
 #: ("Mean") step of this size from t = SDE_LAST_STEP_SIZE to t = 0.
@@ -39,6 +42,11 @@ ODE_DEFAULT_STEPS = 50
 def _noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
     """Standard normal ``[N, ...]`` shaped, typed and placed like ``x``."""
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def _step_noise(noise_fn: NoiseFn | None, generator: torch.Generator | None) -> NoiseFn:
+    """``noise_fn`` if given, else standard normal draws from ``generator``."""
+    return noise_fn if noise_fn is not None else (lambda x: _noise_like(x, generator))
 
 
 def _check_inputs(x_init: Tensor, y: Tensor) -> None:
@@ -54,7 +62,7 @@ def _check_inputs(x_init: Tensor, y: Tensor) -> None:
 @torch.no_grad()
 def ddpm_sample(model_fn: ModelFn, schedule: DDPMSchedule, x_init: Tensor, y: Tensor, *,
                 learn_sigma: bool = False, clip_x0: float | None = None,
-                generator: torch.Generator | None = None) -> Tensor:
+                generator: torch.Generator | None = None, noise_fn: NoiseFn | None = None) -> Tensor:
     """Ancestral sampling over every step of ``schedule`` (DiT: ``respace(250)``).
 
     Each step draws ``x_{t−1} ~ N(μ_θ(x_t, t), σ_t²)`` with μ from the predicted x0 through the
@@ -68,15 +76,17 @@ def ddpm_sample(model_fn: ModelFn, schedule: DDPMSchedule, x_init: Tensor, y: Te
         x_init: ``[N, C, ...]`` start noise; y: labels ``[N]``.
         clip_x0: clamp the predicted x0 to ``[−clip_x0, clip_x0]`` (pixel models); None = no clip.
         generator: draws the per-step noise.
+        noise_fn: draws the per-step noise instead of ``generator`` (e.g. per-sample streams).
     """
     _check_inputs(x_init, y)
+    noise = _step_noise(noise_fn, generator)
     x = x_init
     for i in reversed(range(schedule.num_timesteps)):
         t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
         out = model_fn(x, schedule.model_timesteps(t), y)
         mean, log_var, _ = schedule.p_mean_variance(out, x, t, learn_sigma=learn_sigma,
                                                     clip_x0=clip_x0)
-        x = mean if i == 0 else mean + torch.exp(0.5 * log_var) * _noise_like(x, generator)
+        x = mean if i == 0 else mean + torch.exp(0.5 * log_var) * noise(x)
     return x
 
 
@@ -175,16 +185,19 @@ def sde_euler_maruyama_sample(model_fn: ModelFn, x_init: Tensor, y: Tensor, *,
                               diffusion_form: str = DIFFUSION_FORM_SIGMA,
                               diffusion_norm: float = 1.0,
                               last_step_size: float = SDE_LAST_STEP_SIZE,
-                              generator: torch.Generator | None = None) -> Tensor:
+                              generator: torch.Generator | None = None,
+                              noise_fn: NoiseFn | None = None) -> Tensor:
     """SiT's SDE sampler (Euler–Maruyama) for the linear path, velocity model.
 
     The score comes from the velocity (``−(x + (1 − t)·v) / t``); the diffusion is SiT's default
     ``w(t) = diffusion_norm · t`` (form ``"sigma"``). Times: ``num_steps`` points uniform from 1 to
     ``last_step_size``; ``num_steps − 1`` stochastic steps between them, then one noise-free
     ("Mean") step of size ``last_step_size`` to t = 0 — ``num_steps`` model evaluations in all,
-    exactly SiT's ``--last-step Mean --last-step-size 0.04`` schedule.
+    exactly SiT's ``--last-step Mean --last-step-size 0.04`` schedule. ``noise_fn`` replaces the
+    draws from ``generator`` (e.g. per-sample streams).
     """
     _check_inputs(x_init, y)
+    noise = _step_noise(noise_fn, generator)
     if num_steps < 2:
         raise ValueError("num_steps must be >= 2")
     if not 0.0 < last_step_size < 1.0:
@@ -194,6 +207,6 @@ def sde_euler_maruyama_sample(model_fn: ModelFn, x_init: Tensor, y: Tensor, *,
     for i in range(num_steps - 1):
         h = times[i] - times[i + 1]
         drift, w = _reverse_sde_drift(model_fn, x, times[i], y, diffusion_form, diffusion_norm)
-        x = x + h * drift + torch.sqrt(2.0 * w * h) * _noise_like(x, generator)
+        x = x + h * drift + torch.sqrt(2.0 * w * h) * noise(x)
     drift, _ = _reverse_sde_drift(model_fn, x, last_step_size, y, diffusion_form, diffusion_norm)
     return x + last_step_size * drift

@@ -23,10 +23,10 @@ Samplers
 * DiT (ε-prediction, DDPM schedule from the checkpoint's ``model.json``):
   ``"ddpm"`` ancestral sampling and ``"ddim"`` (η = 0), both over the schedule respaced to
   ``steps`` (ADM's ``timestep_respacing=str(steps)``: evenly spread, both ends kept).
-  ``ddim`` runs :func:`d2c.diffusion.ddim_sample` itself; ``ddpm`` runs the same step as
-  :func:`d2c.diffusion.ddpm_sample` with per-sample step noise.
+  ``ddim`` runs :func:`d2c.diffusion.ddim_sample`; ``ddpm`` runs :func:`d2c.diffusion.ddpm_sample`
+  with per-sample step noise (its ``noise_fn``).
 * SiT (velocity, linear interpolant): ``"ode"`` runs :func:`d2c.diffusion.ode_heun_sample`
-  (``steps`` Heun steps, the last one Euler); ``"sde"`` the same Euler–Maruyama step as
+  (``steps`` Heun steps, the last one Euler); ``"sde"`` runs
   :func:`d2c.diffusion.sde_euler_maruyama_sample` (SiT's defaults: ``w(t) = t``, last
   noise-free step of 0.04) with per-sample step noise.
 
@@ -48,10 +48,10 @@ import torch
 from torch import Tensor, nn
 
 from d2c.data.preprocess import to_uint8
-from d2c.diffusion.ddpm import MODEL_TIME_DTYPE, DDPMSchedule
+from d2c.diffusion.ddpm import DDPMSchedule
 from d2c.diffusion.guidance import ClassifierFreeGuidance
-from d2c.diffusion.interpolant import DIFFUSION_FORM_SIGMA, diffusion_coefficient, score_from_velocity
-from d2c.diffusion.samplers import SDE_LAST_STEP_SIZE, ddim_sample, ode_heun_sample
+from d2c.diffusion.interpolant import DIFFUSION_FORM_SIGMA
+from d2c.diffusion.samplers import SDE_LAST_STEP_SIZE, ddim_sample, ddpm_sample, ode_heun_sample, sde_euler_maruyama_sample
 from d2c.models.dit import DiTOutput
 from d2c.models.encoders.autoencoder import IMAGE_MAX, IMAGE_MIN, Autoencoder
 from d2c.train.objective import ARCH_DIT, ARCH_SIT, schedule_from_description
@@ -399,35 +399,16 @@ class ClassBalancedSampler:
         return IMAGE_MAX if self.plan.clip_denoised else None
 
     def _ddpm(self, model_fn, x: Tensor, y: Tensor, noise: SampleNoise) -> Tensor:
-        """Ancestral sampling (the step of :func:`d2c.diffusion.ddpm_sample`), per-sample step noise."""
-        schedule = self.plan.schedule
-        for i in reversed(range(schedule.num_timesteps)):
-            t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
-            out = model_fn(x, schedule.model_timesteps(t), y)
-            mean, log_var, _ = schedule.p_mean_variance(out, x, t, learn_sigma=self.plan.learn_sigma, clip_x0=self._clip())
-            x = mean if i == 0 else mean + torch.exp(0.5 * log_var) * noise.draw()
-        return x
+        """Ancestral sampling (:func:`d2c.diffusion.ddpm_sample`) with per-sample step noise."""
+        return ddpm_sample(model_fn, self.plan.schedule, x, y, learn_sigma=self.plan.learn_sigma, clip_x0=self._clip(),
+                           noise_fn=lambda _x: noise.draw())
 
     def _sde(self, model_fn, x: Tensor, y: Tensor, noise: SampleNoise) -> Tensor:
-        """Euler–Maruyama (the schedule of :func:`d2c.diffusion.sde_euler_maruyama_sample`), per-sample noise.
-
-        ``steps`` times uniform from 1 to ``SDE_LAST_STEP_SIZE``; ``steps − 1`` stochastic steps
-        ``x ← x + h·(−v + w·∇log p) + sqrt(2 w h)·z``, then one noise-free step to t = 0.
-        """
-        times = torch.linspace(1.0, SDE_LAST_STEP_SIZE, self.plan.steps, dtype=torch.float64).tolist()
-
-        def drift(x: Tensor, t: float) -> tuple[Tensor, Tensor]:
-            t_vec = torch.full((x.shape[0],), t, dtype=MODEL_TIME_DTYPE, device=x.device)
-            v = model_fn(x, t_vec, y)[:, : x.shape[1]]
-            w = diffusion_coefficient(t_vec, x, form=SDE_DIFFUSION_FORM, norm=SDE_DIFFUSION_NORM)
-            return -v + w * score_from_velocity(x, v, t_vec), w
-
-        for i in range(self.plan.steps - 1):
-            h = times[i] - times[i + 1]
-            d, w = drift(x, times[i])
-            x = x + h * d + torch.sqrt(2.0 * w * h) * noise.draw()
-        d, _ = drift(x, SDE_LAST_STEP_SIZE)
-        return x + SDE_LAST_STEP_SIZE * d
+        """Euler–Maruyama (:func:`d2c.diffusion.sde_euler_maruyama_sample`, SiT's defaults) with per-sample noise."""
+        return sde_euler_maruyama_sample(
+            model_fn, x, y, num_steps=self.plan.steps, diffusion_form=SDE_DIFFUSION_FORM, diffusion_norm=SDE_DIFFUSION_NORM,
+            last_step_size=SDE_LAST_STEP_SIZE, noise_fn=lambda _x: noise.draw(),
+        )
 
 
 def sample_class_balanced(
