@@ -347,6 +347,8 @@ class AttachActor:
 
         cfg = build_config(cfg_dict)
         device = "cuda" if cfg.attach.vision.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            torch.set_num_threads(max(1, int(cfg.attach.vision.num_cpus)))
         self.encoder = AttachEncoder(cfg, device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -386,6 +388,7 @@ def attach_stage(cfg: D2CConfig, listing: Listing, sel: pd.DataFrame, run: RunDi
     remote = {"num_gpus": v.num_gpus} if v.num_gpus > 0 else {}
     ds = ds.map_batches(
         AttachActor,
+        num_cpus=v.num_cpus,
         fn_constructor_kwargs={"cfg_dict": cfg.to_dict()},
         batch_size=v.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=v.min_actors, max_size=v.max_actors),

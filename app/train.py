@@ -215,6 +215,8 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_gpu = cfg.train.use_gpu and torch.cuda.is_available()
     device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
+    if not use_gpu:
+        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     kwargs = config["dit_kwargs"]
     model = build_model(kwargs)
     objective = D2CObjective.from_config(cfg)
@@ -235,7 +237,8 @@ def train_loop_per_worker(config: dict) -> None:
         position = trainer.restore(load_checkpoint(path, map_location=device)) or position
         source = str(path)
     if rank == 0:
-        event = {"event": "restore" if source else "start", "step": trainer.step, "source": source, "workers": world, "time": time.time()}
+        event = {"event": "restore" if source else "start", "step": trainer.step, "source": source, "workers": world,
+                 "torch_threads": torch.get_num_threads(), "time": time.time()}
         with open(Path(config["train_dir"]) / EVENTS_FILE, "a") as f:
             f.write(json.dumps(event) + "\n")
     fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "0") or 0)
@@ -290,6 +293,14 @@ def train_loop_per_worker(config: dict) -> None:
 # ------------------------------------------------------------------------------------
 
 
+def worker_resources(cfg: D2CConfig) -> dict[str, float]:
+    """What each Ray Train worker reserves: ``train.cpus_per_worker`` CPUs (+ one GPU with use_gpu)."""
+    resources = {"CPU": float(cfg.train.cpus_per_worker)}
+    if cfg.train.use_gpu:
+        resources["GPU"] = 1.0
+    return resources
+
+
 def fit(cfg: D2CConfig, train_dir: Path, full: bool) -> Path:
     """Build the inputs and run the TorchTrainer; returns the latest checkpoint path."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -342,7 +353,8 @@ def fit(cfg: D2CConfig, train_dir: Path, full: bool) -> Path:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker=worker_resources(cfg)),
         run_config=RunConfig(
             name="ray",
             storage_path=str((train_dir / "ray_storage").resolve()),

@@ -88,7 +88,7 @@ def ray_variant(cfg, listing, scorer: str, run: Path, actors: int, cpus_per_acto
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=60000, help="images to score (multiple of 10; 60000 = all of the train split)")
-    ap.add_argument("--timesteps", type=int, default=8)
+    ap.add_argument("--timesteps", type=int, default=8, help="score.num_timesteps (the embedded default: 8; the demo: 4)")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
     args = ap.parse_args()
@@ -101,7 +101,10 @@ def main() -> int:
     n = len(listing.rows)
     tmp = Path(tempfile.mkdtemp(prefix="d2c-bench-"))
     scorer = make_scorer(cfg, tmp / "scorer")
-    init_ray(cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"num_cpus": cpus})}), include_dashboard=False)
+    # One logical CPU more than the cores: the actors take all the cores (their torch threads),
+    # and the decode tasks upstream need a CPU slot of their own or the pipeline stalls.
+    logical = cpus + int(np.ceil(cfg.data.decode_num_cpus))
+    init_ray(cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"num_cpus": logical})}), include_dashboard=False)
     quiet_data_context(progress=False)
     results = {}
     results["plain"] = plain_loop(cfg, listing, scorer)

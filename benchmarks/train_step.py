@@ -83,8 +83,11 @@ def plain(cfg, cond: Path, steps: int) -> float:
 
 
 def ray_variant(cfg, cond: Path, steps: int, workers: int, out: Path) -> tuple[float, float]:
+    """``workers`` Ray Train workers sharing the machine's cores (torch threads = CPUs per worker)."""
+    cpus = max(1, (os.cpu_count() or 1) // workers)
     c = cfg.model_copy(update={
-        "condensed": str(cond), "train": cfg.train.model_copy(update={"steps": steps, "num_workers": workers, "log_every": 5}),
+        "condensed": str(cond),
+        "train": cfg.train.model_copy(update={"steps": steps, "num_workers": workers, "log_every": 5, "cpus_per_worker": float(cpus)}),
     })
     start = time.perf_counter()
     fit(c, out, full=False)
@@ -103,12 +106,15 @@ def main() -> int:
     cfg = load_config(ROOT / "configs" / "embedded.yaml", [f"train.batch_size={args.batch}", "train.ckpt_every=100000"])
     tmp = Path(tempfile.mkdtemp(prefix="d2c-train-bench-"))
     cond = synthetic_set(tmp / "set", 512, cfg)
-    init_ray(cfg, include_dashboard=False)
+    # One logical CPU more than the cores, so the dataset read tasks find a slot beside
+    # workers that hold every core.
+    cores = os.cpu_count() or 1
+    init_ray(cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"num_cpus": cores + 1})}), include_dashboard=False)
     quiet_data_context(progress=False)
     rows = [("plain loop (torch threads: %d)" % torch.get_num_threads(), plain(cfg, cond, args.steps), float("nan"))]
     for w in (1, 2):
         steady, wall = ray_variant(cfg, cond, args.steps, w, tmp / f"ray{w}")
-        rows.append((f"Ray Train, {w} worker(s)", steady, wall))
+        rows.append((f"Ray Train, {w} worker(s) × {max(1, cores // w)} threads", steady, wall))
     base = rows[0][1]
     lines = [f"### Training step, {dt.date.today().isoformat()}", "",
              f"`python benchmarks/train_step.py --steps {args.steps} --batch {args.batch}` — embedded DiT (hidden 128, depth 4, "

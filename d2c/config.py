@@ -147,6 +147,8 @@ class VisionConfig(_Section):
     min_actors: int = Field(1, ge=1)
     max_actors: int = Field(1, ge=1)
     num_gpus: float = Field(0.0, ge=0)
+    #: CPUs reserved per attach actor; on CPU-only machines also its torch thread count.
+    num_cpus: float = Field(1.0, gt=0)
 
 
 class AttachConfig(_Section):
@@ -220,6 +222,8 @@ class TrainConfig(_Section):
     hflip: bool = True
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
+    #: CPUs reserved per Ray Train worker; without a GPU also its torch thread count.
+    cpus_per_worker: float = Field(1.0, gt=0)
     log_every: int = Field(10, ge=1)
     ckpt_every: int = Field(500, ge=1)
     seed: int = 0

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from app.cli import main
-from app.train import FAIL_AT_STEP_ENV, ensure_embedded_scorer, run_train
+from app.train import FAIL_AT_STEP_ENV, ensure_embedded_scorer, run_train, worker_resources
 from conftest import ROOT
 from d2c.config import ConfigError, load_config
 from d2c.select.scorer import load_scorer
@@ -52,7 +52,7 @@ def test_worker_failure_restores_from_last_checkpoint(condensed_run, tmp_path, m
     run, _ = condensed_run
     tdir = tmp_path / "train"
     monkeypatch.setenv(FAIL_AT_STEP_ENV, "3")
-    assert run_train(_train_cfg(run, tdir, "train.steps=4", "train.max_failures=1")) == 0
+    assert run_train(_train_cfg(run, tdir, "train.steps=4", "train.max_failures=1", "train.cpus_per_worker=2")) == 0
     assert (tdir / ".injected_failure").is_file()
     steps = [m["step"] for m in _metrics(tdir)]
     # steps 1-3 ran, the failure hit after step 3 (before its checkpoint), Ray Train restarted the
@@ -61,6 +61,14 @@ def test_worker_failure_restores_from_last_checkpoint(condensed_run, tmp_path, m
     events = [json.loads(line) for line in (tdir / "events.jsonl").read_text().splitlines()]
     assert [(e["event"], e["step"]) for e in events] == [("start", 0), ("restore", 2)]
     assert events[1]["source"] == "Ray Train checkpoint (worker restart)"
+    assert [e["torch_threads"] for e in events] == [2, 2]  # train.cpus_per_worker reaches the worker
+
+
+def test_worker_resources_follow_the_config():
+    cfg = load_config(ROOT / "configs" / "embedded.yaml", ["train.cpus_per_worker=3"])
+    assert worker_resources(cfg) == {"CPU": 3.0}
+    gpu = load_config(ROOT / "configs" / "embedded.yaml", ["train.use_gpu=true"])
+    assert worker_resources(gpu) == {"CPU": 1.0, "GPU": 1.0}
 
 
 def test_shape_mismatch_fails_before_training(condensed_run, tmp_path):
