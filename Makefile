@@ -11,4 +11,4 @@ demo: setup
 	.venv/bin/d2c demo $(ARGS)
 
 test: setup
-	.venv/bin/python -m pytest -q $(ARGS)
+	.venv/bin/python -m pytest -q --durations=15 $(ARGS)
