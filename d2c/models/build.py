@@ -9,10 +9,12 @@ without the config that made it.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
-from d2c.config import D2CConfig
 from d2c.models.dit import DIT_CONFIGS, DiT
+
+if TYPE_CHECKING:  # type-only: keeps this module importable without pydantic (GPU benchmarks)
+    from d2c.config import D2CConfig
 
 #: Prefixes a size name may carry ("DiT-XL/2", "SiT-L/2"); the size itself is the rest.
 SIZE_NAME_PREFIXES = ("DiT-", "SiT-")

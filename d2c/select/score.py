@@ -91,10 +91,34 @@ def difficulty_scores(
         float32 [B, T]: mean over (C, H, W) of ‖ε_t − ε̂‖² per image and timestep;
         the score is its mean over T.
     """
+    noise = image_noise(seed, image_ids, len(timesteps), latents.shape[1:]).to(latents.device)
+    return scores_from_noise(
+        model_fn, latents, labels, noise, alphas_cumprod, timesteps, max_forward_batch, pad_rows
+    ).cpu()
+
+
+@torch.no_grad()
+def scores_from_noise(
+    model_fn: ModelFn,
+    latents: torch.Tensor,
+    labels: torch.Tensor,
+    noise: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    timesteps: torch.Tensor,
+    max_forward_batch: int = 4096,
+    pad_rows: bool = False,
+) -> torch.Tensor:
+    """The device half of :func:`difficulty_scores`, given the noise already drawn.
+
+    Args:
+        noise: float32 [B, T, C, H, W] from :func:`image_noise`, on ``latents.device``.
+        (the rest as in :func:`difficulty_scores`).
+    Returns:
+        float32 [B, T] on ``latents.device``; nothing here waits for the device.
+    """
     b, c = latents.shape[:2]
     t_count = len(timesteps)
     device = latents.device
-    noise = image_noise(seed, image_ids, t_count, latents.shape[1:]).to(device)  # [B, T, C, H, W]
     ab = alphas_cumprod.to(device=device, dtype=torch.float64)[timesteps.to(device)]
     sqrt_ab = ab.sqrt().to(latents.dtype).view(1, t_count, 1, 1, 1)
     sqrt_1m = (1.0 - ab).sqrt().to(latents.dtype).view(1, t_count, 1, 1, 1)
@@ -114,4 +138,4 @@ def difficulty_scores(
             ys = torch.cat([ys, ys.new_zeros(extra)])
         pred = model_fn(xs, ts, ys)[:rows, :c]
         losses[sl] = ((eps[sl] - pred.float()) ** 2).flatten(1).mean(1)
-    return losses.view(b, t_count).cpu()
+    return losses.view(b, t_count)

@@ -22,15 +22,17 @@ in the stored flipped latents/features before the batch gets here.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from d2c.config import D2CConfig
 from d2c.diffusion.ddpm import DDPMSchedule, linear_betas, mean_flat, split_model_output
 from d2c.diffusion.interpolant import interpolate, sample_t, v_loss
+
+if TYPE_CHECKING:  # type-only: keeps this module importable without pydantic (GPU benchmarks)
+    from d2c.config import D2CConfig
 
 ARCH_DIT = "dit"
 ARCH_SIT = "sit"

@@ -17,13 +17,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from d2c.config import TrainConfig
 from d2c.train.checkpoint import (
     capture_rng_state,
     latest_checkpoint,
@@ -35,6 +34,9 @@ from d2c.train.checkpoint import (
 from d2c.train.ema import EMA
 from d2c.train.objective import D2CObjective, unwrap
 from d2c.train.precision import Precision
+
+if TYPE_CHECKING:  # type-only: keeps this module importable without pydantic (GPU benchmarks)
+    from d2c.config import TrainConfig
 
 #: Probability that a sample is shown horizontally flipped when train.hflip is on.
 HFLIP_PROB = 0.5
