@@ -14,10 +14,10 @@ from typing import Callable, Mapping
 import numpy as np
 import pandas as pd
 
-Chooser = Callable[[pd.DataFrame, int], np.ndarray]
+# The methods that need per-image feature vectors; the config schema owns the method names.
+from d2c.config import FEATURE_METHODS  # noqa: F401  (re-exported)
 
-#: Methods that need per-image feature vectors.
-FEATURE_METHODS = ("kcenter", "herding")
+Chooser = Callable[[pd.DataFrame, int], np.ndarray]
 
 
 def choose_random(seed: int) -> Chooser:
