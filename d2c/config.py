@@ -20,10 +20,10 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from d2c.select.methods import FEATURE_METHODS
+
 #: Latent scaling factor of the Stable Diffusion VAE (METHOD.md, Select).
 SD_VAE_SCALING = 0.18215
-#: Selection methods that choose by per-image visual features (METHOD.md, Baselines).
-FEATURE_METHODS = ("kcenter", "herding")
 #: The select.* keys that only those methods read (the feature pass's settings).
 FEATURE_SELECT_KEYS = ("feature_image_size", "feature_batch_size")
 

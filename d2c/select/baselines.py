@@ -14,8 +14,7 @@ from typing import Callable, Mapping
 import numpy as np
 import pandas as pd
 
-# The methods that need per-image feature vectors; the config schema owns the method names.
-from d2c.config import FEATURE_METHODS  # noqa: F401  (re-exported)
+from d2c.select.methods import FEATURE_METHODS  # noqa: F401  (re-exported: methods needing feature vectors)
 
 Chooser = Callable[[pd.DataFrame, int], np.ndarray]
 
