@@ -1,13 +1,14 @@
 """``d2c condense``: score → select → attach on Ray Data (DESIGN.md).
 
     listing ─► decode (CPU tasks) ─► encode + score (actor pool) ─► RUN/scores/ (shards)
-    RUN/scores ─► groupby(label) + interval select ─► RUN/selection/
+    [kcenter/herding] listing ─► decode ─► pooled visual features (actor pool) ─► RUN/features/ (shards)
+    RUN/scores (∪ RUN/features) ─► groupby(label) + interval select / baseline ─► RUN/selection/
     selected rows ─► decode ─► latents + visual tokens (actor pool) ─► RUN/condensed/
     class prompts ─► text encoder ─► RUN/text_embeddings.safetensors;  RUN/manifest.json
 
-Resumable: scores are written shard by shard (a shard file is its own completion
-marker), so a rerun after a crash scores only the missing shards. A stage whose output
-is complete for the same settings is skipped; changed scoring settings are refused.
+Resumable: scores and features are written shard by shard (a shard file is its own
+completion marker), so a rerun after a crash computes only the missing shards. A stage whose
+output is complete for the same settings is skipped; changed settings are refused.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pandas as pd
@@ -27,24 +30,28 @@ import pyarrow.parquet as pq
 from app.metrics import record
 from app.ray_session import init_ray, quiet_data_context
 from app.stages import (
-    decoded,
+    ActorStep,
     StageSettingsError,
     StageTimer,
+    actor_pipeline,
     check_settings,
     listing_table,
-    table_blocks,
     write_json_atomic,
+    write_parquet_atomic,
 )
-from d2c.config import ConfigError, D2CConfig, build_config, check_paths
+from d2c.config import FEATURE_SELECT_KEYS, ConfigError, D2CConfig, DataConfig, build_config, check_paths
 from d2c.data.condensed import to_arrow
 from d2c.data.source import Listing, list_source
-from d2c.select.baselines import FEATURE_METHODS, make_chooser
+from d2c.select.baselines import make_chooser
+from d2c.select.features import FEATURE_POOLING
 from d2c.select.interval import SELECTION_COLUMNS, ClassSelection, SelectionError, per_class_budget, select_class
 
 SETTINGS_FILE = "_settings.json"
 #: Scores rows per hash partition of the per-class groupby (DESIGN.md: too many partitions cost seconds).
 GROUPBY_ROWS_PER_PARTITION = 50_000
 SUCCESS_FILE = "_SUCCESS"
+#: Column of RUN/features holding each image's pooled visual feature (list<float32>, length d).
+FEATURE_COLUMN = "feature"
 
 
 # ------------------------------------------------------------------------------------
@@ -58,6 +65,7 @@ class RunDir:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.scores = self.root / "scores"
+        self.features = self.root / "features"
         self.rejects = self.root / "rejects"
         self.selection = self.root / "selection"
         self.condensed = self.root / "condensed"
@@ -70,18 +78,28 @@ class RunDir:
     def reject_shard(self, shard: int) -> Path:
         return self.rejects / f"shard-{shard:05d}.parquet"
 
+    def feature_shard(self, shard: int) -> Path:
+        return self.features / f"shard-{shard:05d}.parquet"
+
 
 # ------------------------------------------------------------------------------------
 # Settings that define each stage's output
 # ------------------------------------------------------------------------------------
 
 
-def score_settings(cfg: D2CConfig, listing: Listing, scorer: str) -> dict[str, Any]:
-    """Everything a score depends on; a rerun with other values is refused."""
+def listing_settings(cfg: D2CConfig, listing: Listing) -> dict[str, Any]:
+    """What a pass over the listing reads: the listed rows and how they are decoded."""
     return {
         "listing_sha256": listing.fingerprint(),
         "rows": len(listing.rows),
         "data": {k: getattr(cfg.data, k) for k in ("source", "path", "split", "image_size", "channels", "preprocess", "max_per_class")},
+    }
+
+
+def score_settings(cfg: D2CConfig, listing: Listing, scorer: str) -> dict[str, Any]:
+    """Everything a score depends on; a rerun with other values is refused."""
+    return {
+        **listing_settings(cfg, listing),
         "autoencoder": cfg.autoencoder.model_dump(),
         "diffusion": cfg.diffusion.model_dump(),
         "scorer": scorer,
@@ -92,9 +110,29 @@ def score_settings(cfg: D2CConfig, listing: Listing, scorer: str) -> dict[str, A
     }
 
 
-def selection_settings(cfg: D2CConfig, scores_dir: Path) -> dict[str, Any]:
+def feature_settings(cfg: D2CConfig, listing: Listing) -> dict[str, Any]:
+    """Everything a pooled visual feature depends on (not the scorer: features never read scores)."""
+    v = cfg.attach.vision
+    return {
+        **listing_settings(cfg, listing),
+        "encoder": v.encoder,
+        "path": v.path,
+        "image_size": cfg.feature_image_size,
+        "pooling": FEATURE_POOLING,
+        "forward_rows": cfg.select.feature_batch_size,
+        "shard_rows": cfg.score.shard_rows,
+    }
+
+
+def selection_settings(cfg: D2CConfig, scores_dir: Path, features_dir: Optional[Path] = None) -> dict[str, Any]:
+    """The select.* keys that shape the selection, the scores' settings and (kcenter/herding) the features'."""
     sel = cfg.select.model_dump()
-    return {"select": sel, "scores": json.loads((scores_dir / SETTINGS_FILE).read_text())}
+    if not cfg.select.needs_features:
+        sel = {k: v for k, v in sel.items() if k not in FEATURE_SELECT_KEYS}
+    settings = {"select": sel, "scores": json.loads((scores_dir / SETTINGS_FILE).read_text())}
+    if features_dir is not None:
+        settings["features"] = json.loads((features_dir / SETTINGS_FILE).read_text())
+    return settings
 
 
 def attach_settings(cfg: D2CConfig, selection_sha: str) -> dict[str, Any]:
@@ -105,6 +143,105 @@ def attach_settings(cfg: D2CConfig, selection_sha: str) -> dict[str, Any]:
         "num_tokens": cfg.num_tokens,
         "use_visual": cfg.model.use_visual,
         "seed": cfg.score.seed,
+    }
+
+
+# ------------------------------------------------------------------------------------
+# Sharded passes over the listing (scores, features): resumable shard by shard
+# ------------------------------------------------------------------------------------
+
+#: Columns every sharded-pass actor passes through from the decoded batch.
+PASS_THROUGH_COLUMNS = ("pos", "shard", "image_id", "label", "reject")
+
+
+def passed_through(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The row bookkeeping of a decoded batch (position, shard, ids, reject reason)."""
+    return {k: batch[k] for k in PASS_THROUGH_COLUMNS}
+
+
+@dataclass(frozen=True)
+class ShardedPass:
+    """A pass that writes one parquet file per listing shard; the file is its completion marker.
+
+    Attributes:
+        name: the output's name in messages and errors ("scores", "features").
+        verb: what the pass does to an image, in messages ("score", "encode").
+        out_dir: where the shards go, with ``_settings.json`` and, once complete, ``_SUCCESS``.
+        shard_path: shard index → its output file.
+        settings: what the output depends on; other settings than the saved ones are refused.
+        fix: how to resolve changed settings (ends the refusal message).
+        step: the actor step that turns decoded rows into output rows.
+        write_shard: (shard, columns sorted by ``pos``, bool [m] reject mask) → writes that shard.
+        metric: (stage tag, app.metrics name) of the pass's images/s gauge.
+    """
+
+    name: str
+    verb: str
+    out_dir: Path
+    shard_path: Callable[[int], Path]
+    settings: dict[str, Any]
+    fix: str
+    step: ActorStep
+    write_shard: Callable[[int, dict[str, np.ndarray], np.ndarray], None]
+    metric: tuple[str, str]
+
+
+def run_sharded_pass(sp: ShardedPass, listing: Listing, shard_rows: int, data_cfg: DataConfig) -> dict[str, Any]:
+    """Run ``sp`` over every listed image, resuming from complete shards.
+
+    Returns:
+        stats: shards, shards_reused, rows (written), rejected, seconds (absent when nothing ran).
+    """
+    sp.out_dir.mkdir(parents=True, exist_ok=True)
+    check_settings(sp.out_dir / SETTINGS_FILE, sp.settings, f"RUN/{sp.name}",
+                   f"{sp.name.capitalize()} are never mixed across settings: use a new run_dir, or delete "
+                   f"the {sp.name} directory to {sp.fix}.")
+    write_json_atomic(sp.out_dir / SETTINGS_FILE, sp.settings)
+    num_shards = -(-len(listing.rows) // shard_rows)
+    done = {s for s in range(num_shards) if sp.shard_path(s).is_file()}
+    todo = [s for s in range(num_shards) if s not in done]
+    stats = {"shards": num_shards, "shards_reused": len(done), "rows": 0, "rejected": 0}
+    if (sp.out_dir / SUCCESS_FILE).is_file() and not todo:
+        print(f"[d2c] {sp.name}: complete in {sp.out_dir} ({num_shards} shards) — reused, nothing to {sp.verb}", flush=True)
+        return stats
+    if done:
+        print(f"[d2c] {sp.name}: resuming — {len(done)} of {num_shards} shards already complete", flush=True)
+    timer = StageTimer(sp.name)
+    positions = [p for s in todo for p in range(s * shard_rows, min((s + 1) * shard_rows, len(listing.rows)))]
+    table = listing_table([listing.rows[p] for p in positions], shard_rows, positions)
+    expected = Counter(table.column("shard").to_pylist())
+    pending: dict[int, list] = defaultdict(list)
+    got: dict[int, int] = defaultdict(int)
+    seen = 0
+    for batch in actor_pipeline(table, data_cfg, sp.step).iter_batches(batch_size=None, batch_format="numpy"):
+        seen += len(batch["pos"])
+        record(*sp.metric, seen / max(time.perf_counter() - timer.start, 1e-9))
+        for s in np.unique(batch["shard"]):
+            m = batch["shard"] == s
+            pending[int(s)].append({k: v[m] for k, v in batch.items()})
+            got[int(s)] += int(m.sum())
+            if got[int(s)] == expected[int(s)]:
+                parts = pending.pop(int(s))
+                cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+                order = np.argsort(cols["pos"], kind="stable")
+                cols = {k: v[order] for k, v in cols.items()}
+                bad = np.asarray([r != "" for r in cols["reject"]], dtype=bool)
+                sp.write_shard(int(s), cols, bad)
+                stats["rows"] += int((~bad).sum())
+                stats["rejected"] += int(bad.sum())
+    missing = [s for s in todo if not sp.shard_path(s).is_file()]
+    if missing:
+        raise RuntimeError(f"the {sp.name} pass ended with {len(missing)} shards incomplete ({missing[:5]}...); rerun to resume")
+    (sp.out_dir / SUCCESS_FILE).write_text("")
+    stats["seconds"] = timer.done(len(positions), f"{stats['rejected']} rejects, {len(done)} shards reused")
+    return stats
+
+
+def id_label_columns(cols: dict[str, np.ndarray], keep: np.ndarray) -> dict[str, pa.Array]:
+    """image_id (str) and label (int64) of the rows ``keep`` (bool [m]) of a shard's columns."""
+    return {
+        "image_id": pa.array([str(i) for i in cols["image_id"][keep]], pa.string()),
+        "label": pa.array(cols["label"][keep].astype(np.int64)),
     }
 
 
@@ -156,102 +293,151 @@ class ScoreActor:
                 self.scorer.model, z.to(self.device), labels, ids, self.alphas_cumprod, self.timesteps, self.cfg.score.seed,
                 max_forward_batch=self.cfg.score.forward_rows, pad_rows=True,
             ).numpy()
-        return {
-            "pos": batch["pos"],
-            "shard": batch["shard"],
-            "image_id": batch["image_id"],
-            "label": batch["label"],
-            "score": per_t.mean(1).astype(np.float64),
-            "score_t": per_t,
-            "reject": batch["reject"],
-        }
+        return {**passed_through(batch), "score": per_t.mean(1).astype(np.float64), "score_t": per_t}
 
 
-def _write_shard(run: RunDir, shard: int, parts: list[dict[str, np.ndarray]]) -> tuple[int, int]:
+def _write_score_shard(run: RunDir, shard: int, cols: dict[str, np.ndarray], bad: np.ndarray) -> None:
     """Write one complete shard: rejects first, then the scores file (the completion marker)."""
-    cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    order = np.argsort(cols["pos"], kind="stable")
-    cols = {k: v[order] for k, v in cols.items()}
-    bad = np.asarray([r != "" for r in cols["reject"]])
     rej = pa.table({"image_id": pa.array([str(i) for i in cols["image_id"][bad]], pa.string()),
                     "reason": pa.array([str(r) for r in cols["reject"][bad]], pa.string())})
     good = ~bad
     score_t = cols["score_t"][good].astype(np.float32)
     scores = pa.table(
         {
-            "image_id": pa.array([str(i) for i in cols["image_id"][good]], pa.string()),
-            "label": pa.array(cols["label"][good].astype(np.int64)),
+            **id_label_columns(cols, good),
             "score": pa.array(cols["score"][good].astype(np.float64)),
             "score_t": pa.array(list(score_t), pa.list_(pa.float32())),
         }
     )
-    for table, path in ((rej, run.reject_shard(shard)), (scores, run.score_shard(shard))):
-        tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(table, tmp)
-        tmp.replace(path)
-    return int(good.sum()), int(bad.sum())
+    write_parquet_atomic(rej, run.reject_shard(shard))
+    write_parquet_atomic(scores, run.score_shard(shard))
 
 
 def score_stage(cfg: D2CConfig, listing: Listing, run: RunDir, scorer_spec: str) -> dict[str, Any]:
     """Score every listed image (resuming from complete shards); returns stage stats."""
-    import ray
-
-    run.scores.mkdir(parents=True, exist_ok=True)
     run.rejects.mkdir(parents=True, exist_ok=True)
-    settings = score_settings(cfg, listing, scorer_spec)
-    check_settings(
-        run.scores / SETTINGS_FILE, settings, "RUN/scores",
-        "Scores are never mixed across settings: use a new run_dir, or delete the scores directory to rescore.",
+    s = cfg.score
+    sp = ShardedPass(
+        name="scores", verb="score", out_dir=run.scores, shard_path=run.score_shard,
+        settings=score_settings(cfg, listing, scorer_spec), fix="rescore",
+        step=ActorStep(ScoreActor, {"cfg_dict": cfg.to_dict(), "scorer_spec": scorer_spec}, s.batch_size,
+                       s.min_actors, s.max_actors, s.num_gpus, s.num_cpus),
+        write_shard=partial(_write_score_shard, run), metric=("score", "images_scored_per_s"),
     )
-    write_json_atomic(run.scores / SETTINGS_FILE, settings)
-    shard_rows = cfg.score.shard_rows
-    num_shards = -(-len(listing.rows) // shard_rows)
-    done = {s for s in range(num_shards) if run.score_shard(s).is_file()}
-    todo = [s for s in range(num_shards) if s not in done]
-    stats = {"shards": num_shards, "shards_reused": len(done), "scored": 0, "rejected": 0}
-    if (run.scores / SUCCESS_FILE).is_file() and not todo:
-        print(f"[d2c] scores: complete in {run.scores} ({num_shards} shards) — reused, nothing to score", flush=True)
-        return stats
-    if done:
-        print(f"[d2c] scores: resuming — {len(done)} of {num_shards} shards already complete", flush=True)
-    timer = StageTimer("scores")
-    positions = [p for s in todo for p in range(s * shard_rows, min((s + 1) * shard_rows, len(listing.rows)))]
-    table = listing_table([listing.rows[p] for p in positions], shard_rows, positions)
-    expected = defaultdict(int)
-    for s in table.column("shard").to_pylist():
-        expected[s] += 1
-    ds = ray.data.from_arrow(table_blocks(table, cfg.score.batch_size))
-    ds = decoded(ds, cfg.data)
-    remote = {"num_gpus": cfg.score.num_gpus} if cfg.score.num_gpus > 0 else {}
-    ds = ds.map_batches(
-        ScoreActor,
-        num_cpus=cfg.score.num_cpus,
-        fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "scorer_spec": scorer_spec},
-        batch_size=cfg.score.batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=cfg.score.min_actors, max_size=cfg.score.max_actors),
-        **remote,
-    )
-    pending: dict[int, list] = defaultdict(list)
-    got: dict[int, int] = defaultdict(int)
-    seen = 0
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        seen += len(batch["pos"])
-        record("score", "images_scored_per_s", seen / max(time.perf_counter() - timer.start, 1e-9))
-        for s in np.unique(batch["shard"]):
-            m = batch["shard"] == s
-            part = {k: v[m] for k, v in batch.items()}
-            pending[int(s)].append(part)
-            got[int(s)] += int(m.sum())
-            if got[int(s)] == expected[int(s)]:
-                n_ok, n_bad = _write_shard(run, int(s), pending.pop(int(s)))
-                stats["scored"] += n_ok
-                stats["rejected"] += n_bad
-    missing = [s for s in todo if not run.score_shard(s).is_file()]
-    if missing:
-        raise RuntimeError(f"scoring ended with {len(missing)} shards incomplete ({missing[:5]}...); rerun to resume")
-    (run.scores / SUCCESS_FILE).write_text("")
-    stats["seconds"] = timer.done(len(positions), f"{stats['rejected']} rejects, {len(done)} shards reused")
+    stats = run_sharded_pass(sp, listing, s.shard_rows, cfg.data)
+    stats["scored"] = stats.pop("rows")
     return stats
+
+
+# ------------------------------------------------------------------------------------
+# Stage 1b: pooled visual features (select.method = kcenter | herding)
+# ------------------------------------------------------------------------------------
+
+
+class FeatureActor:
+    """Ray Data actor: decoded images → one pooled visual feature each (d2c.select.features).
+
+    Holds the frozen ``attach.vision`` encoder at ``select.feature_image_size`` (loaded once), on
+    ``attach.vision.num_cpus`` torch threads when on CPU.
+    Rejected rows pass through with NaN features (the shard writer drops them).
+    """
+
+    def __init__(self, cfg_dict: dict):
+        import torch
+
+        from d2c.models.encoders import load_vision_encoder
+
+        cfg = build_config(cfg_dict)
+        v = cfg.attach.vision
+        device = "cuda" if v.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            torch.set_num_threads(max(1, int(v.num_cpus)))
+        self.encoder = load_vision_encoder(v.encoder, v.path, cfg.feature_image_size, device=device)
+        self.forward_rows = cfg.select.feature_batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from d2c.select.features import pooled_features
+
+        feats = np.full((len(batch["pos"]), self.encoder.dim), np.nan, np.float32)  # [B, d]
+        ok = np.asarray([r == "" for r in batch["reject"]], dtype=bool)
+        if ok.any():
+            feats[ok] = pooled_features(self.encoder, batch["image"][ok], self.forward_rows)
+        return {**passed_through(batch), FEATURE_COLUMN: feats}
+
+
+#: Arrow list offsets are int32: one shard may hold at most this many feature values.
+MAX_LIST_VALUES = 2**31 - 1
+
+
+def _write_feature_shard(run: RunDir, shard: int, cols: dict[str, np.ndarray], bad: np.ndarray) -> None:
+    """Write one features shard (image_id, label, feature list<float32>); rejected rows are left out."""
+    good = ~bad
+    feats = np.ascontiguousarray(cols[FEATURE_COLUMN][good], np.float32)  # [m, d]
+    m, d = feats.shape
+    if m * d > MAX_LIST_VALUES:
+        raise ValueError(f"a features shard of {m} rows × {d} values exceeds Arrow's list size; lower score.shard_rows")
+    offsets = pa.array(np.arange(m + 1, dtype=np.int32) * d, pa.int32())
+    table = pa.table({**id_label_columns(cols, good),
+                      FEATURE_COLUMN: pa.ListArray.from_arrays(offsets, pa.array(feats.reshape(-1), pa.float32()))})
+    write_parquet_atomic(table, run.feature_shard(shard))
+
+
+def feature_stage(cfg: D2CConfig, listing: Listing, run: RunDir) -> dict[str, Any]:
+    """Pooled visual features of every listed image into RUN/features (resuming from complete shards)."""
+    v = cfg.attach.vision
+    sp = ShardedPass(
+        name="features", verb="encode", out_dir=run.features, shard_path=run.feature_shard,
+        settings=feature_settings(cfg, listing), fix="recompute them",
+        step=ActorStep(FeatureActor, {"cfg_dict": cfg.to_dict()}, cfg.select.feature_batch_size,
+                       v.min_actors, v.max_actors, v.num_gpus, v.num_cpus),
+        write_shard=partial(_write_feature_shard, run), metric=("features", "images_encoded_per_s"),
+    )
+    stats = run_sharded_pass(sp, listing, cfg.score.shard_rows, cfg.data)
+    stats["encoded"] = stats.pop("rows")
+    return stats
+
+
+def _unusable_features(features_dir: Path, settings: dict[str, Any]) -> Optional[str]:
+    """None if ``features_dir`` holds complete features made with ``settings``, else why not."""
+    settings_file = features_dir / SETTINGS_FILE
+    if not settings_file.is_file():
+        return "it holds none"
+    if not (features_dir / SUCCESS_FILE).is_file():
+        return "they are incomplete"
+    saved = json.loads(settings_file.read_text())
+    diffs = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+    return f"they were made with other {', '.join(diffs)}" if diffs else None
+
+
+def prepare_features(cfg: D2CConfig, listing: Listing, run: RunDir, source: RunDir) -> tuple[Path, dict[str, Any]]:
+    """The features the selection of ``run`` reads: those of the scores run ``source`` when they are
+    complete and made with the same settings (baselines and sweeps never recompute them per run),
+    else this run's own, computed (or resumed) here.
+
+    Returns:
+        (the features directory, the feature pass's stats: {} when reused from ``source``).
+    """
+    if source.root.resolve() != run.root.resolve():
+        why = _unusable_features(source.features, feature_settings(cfg, listing))
+        if why is None:
+            print(f"[d2c] features: reusing {source.features} (same settings) — nothing to encode", flush=True)
+            return source.features, {}
+        print(f"[d2c] features: not reusing {source.features} ({why}) — using {run.features}", flush=True)
+    return run.features, feature_stage(cfg, listing, run)
+
+
+def load_features(features_dir: Path) -> dict[str, np.ndarray]:
+    """RUN/features → {image_id: float32 [d]} (every image's pooled visual feature)."""
+    shards = sorted(features_dir.glob("shard-*.parquet"))
+    if not shards:
+        raise FileNotFoundError(f"no feature shards in {str(features_dir)!r}; run `d2c condense` with select.method=kcenter "
+                                "or herding to compute them")
+    table = pa.concat_tables([pq.read_table(f, columns=["image_id", FEATURE_COLUMN]) for f in shards])
+    ids = table.column("image_id").to_pylist()
+    column = table.column(FEATURE_COLUMN).combine_chunks()
+    d = len(column[0]) if len(column) else 0
+    values = column.flatten().to_numpy().reshape(len(ids), d)
+    return dict(zip(ids, values))
 
 
 # ------------------------------------------------------------------------------------
@@ -259,30 +445,78 @@ def score_stage(cfg: D2CConfig, listing: Listing, run: RunDir, scorer_spec: str)
 # ------------------------------------------------------------------------------------
 
 
+def _with_null(table: pa.Table, name: str, dtype: pa.DataType, index: int) -> pa.Table:
+    """Ray Data map: insert an all-null column ``name`` at ``index`` (gives two tables one schema)."""
+    return table.add_column(index, name, pa.nulls(len(table), dtype))
+
+
+def scores_with_features(scores, features_dir: Path):
+    """Scores rows ∪ features rows, one schema: image_id, label, score, feature.
+
+    A scores row has a null feature, a features row a null score; grouped by label, each
+    class gets its scored images and their features in one shuffle (``Dataset.join`` would
+    need polars, which Ray Data does not install, and a second shuffle).
+    """
+    import ray
+
+    feature_type = pa.list_(pa.float32())
+    left = scores.map_batches(_with_null, fn_kwargs=dict(name=FEATURE_COLUMN, dtype=feature_type, index=3), batch_format="pyarrow")
+    right = ray.data.read_parquet(str(features_dir)).select_columns(["image_id", "label", FEATURE_COLUMN])
+    right = right.map_batches(_with_null, fn_kwargs=dict(name="score", dtype=pa.float64(), index=2), batch_format="pyarrow")
+    return left.union(right)
+
+
+def split_features(group: pd.DataFrame, label: int) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """One class of :func:`scores_with_features` rows → (its scores rows, {image_id: feature float32 [d]}).
+
+    Raises:
+        SelectionError: a scored image has no feature (the features do not cover the scores).
+    """
+    is_feature = group[FEATURE_COLUMN].notna().to_numpy()
+    scored = group.loc[~is_feature, ["image_id", "label", "score"]]
+    rows = group.loc[is_feature]
+    features = {str(i): np.asarray(f, np.float32) for i, f in zip(rows["image_id"], rows[FEATURE_COLUMN])}
+    missing = [i for i in scored["image_id"] if i not in features]
+    if missing:
+        raise SelectionError(
+            f"class {label}: {len(missing)} scored images have no feature in RUN/features (e.g. {missing[:3]}); "
+            "the features were made from another listing than the scores: delete the features directory and rerun"
+        )
+    return scored, features
+
+
 def _select_group(group: pd.DataFrame, n: int, method: str, k: int, shortfall: str, seed: int) -> pd.DataFrame:
-    """map_groups body: one class's rows → its selection, plus its report as JSON."""
+    """map_groups body: one class's rows → its selection, plus its report as JSON.
+
+    With a ``feature`` column (kcenter / herding) the group holds the class's scores rows and
+    features rows (:func:`scores_with_features`), and the chooser reads the features.
+    """
     label = int(group["label"].iloc[0])
-    sel, report = select_class(group, label, n, method, k, shortfall, make_chooser(method, seed))
+    features = None
+    if FEATURE_COLUMN in group:
+        group, features = split_features(group, label)
+    sel, report = select_class(group, label, n, method, k, shortfall, make_chooser(method, seed, features))
     sel["report"] = json.dumps(report.to_dict())
     return sel
 
 
-def select_stage(cfg: D2CConfig, scores_dir: Path, out_dir: Path, num_classes: int) -> tuple[pd.DataFrame, list[ClassSelection]]:
+def select_stage(
+    cfg: D2CConfig, scores_dir: Path, out_dir: Path, num_classes: int, features_dir: Optional[Path] = None
+) -> tuple[pd.DataFrame, list[ClassSelection]]:
     """Interval (or baseline) selection over a scores table with a Ray Data groupby.
 
+    Args:
+        features_dir: RUN/features (:func:`prepare_features`), required for select.method=kcenter|herding.
     Returns:
         (selection sorted by (label, rank), one report per class).
     """
     import ray
 
-    if cfg.select.method in FEATURE_METHODS:
-        raise NotImplementedError(
-            f"select.method={cfg.select.method} needs per-image features over whole classes, which the Ray "
-            "pipeline does not compute yet; use d2c, random, min or max (the d2c.select.baselines functions "
-            "exist for library use)"
-        )
+    if cfg.select.needs_features and features_dir is None:
+        raise ValueError(f"select.method={cfg.select.method} needs the features directory (prepare_features)")
+    features_dir = features_dir if cfg.select.needs_features else None
     n = per_class_budget(cfg.select.budget, num_classes)
-    settings = selection_settings(cfg, scores_dir)
+    settings = selection_settings(cfg, scores_dir, features_dir)
     if check_settings(out_dir / SETTINGS_FILE, settings, "selection", "") and (out_dir / SUCCESS_FILE).is_file():
         sel = pd.read_parquet(out_dir / "selection.parquet")
         reports = [ClassSelection(**r) for r in json.loads((out_dir / "reports.json").read_text())]
@@ -291,6 +525,8 @@ def select_stage(cfg: D2CConfig, scores_dir: Path, out_dir: Path, num_classes: i
     timer = StageTimer("selection")
     ds = ray.data.read_parquet(str(scores_dir)).select_columns(["image_id", "label", "score"])
     parts = cfg.ray.groupby_partitions or max(1, min(num_classes, ds.count() // GROUPBY_ROWS_PER_PARTITION))
+    if features_dir is not None:
+        ds = scores_with_features(ds, features_dir)
     grouped = ds.groupby("label", num_partitions=parts).map_groups(
         _select_group,
         batch_format="pandas",
@@ -362,8 +598,6 @@ class AttachActor:
 
 def attach_stage(cfg: D2CConfig, listing: Listing, sel: pd.DataFrame, run: RunDir) -> dict[str, Any]:
     """Text embeddings once per class; latents + visual tokens for the selected images only."""
-    import ray
-
     from d2c.attach.text import compute_text_embeddings, save_text_embeddings
 
     stats: dict[str, Any] = {}
@@ -382,18 +616,10 @@ def attach_stage(cfg: D2CConfig, listing: Listing, sel: pd.DataFrame, run: RunDi
     wanted = set(sel["image_id"])
     positions = [p for p, r in enumerate(listing.rows) if r["image_id"] in wanted]
     table = listing_table([listing.rows[p] for p in positions], cfg.score.shard_rows, positions)
-    ds = ray.data.from_arrow(table_blocks(table, max(1, cfg.attach.vision.batch_size)))
-    ds = decoded(ds, cfg.data)
     v = cfg.attach.vision
-    remote = {"num_gpus": v.num_gpus} if v.num_gpus > 0 else {}
-    ds = ds.map_batches(
-        AttachActor,
-        num_cpus=v.num_cpus,
-        fn_constructor_kwargs={"cfg_dict": cfg.to_dict()},
-        batch_size=v.batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=v.min_actors, max_size=v.max_actors),
-        **remote,
-    )
+    step = ActorStep(AttachActor, {"cfg_dict": cfg.to_dict()}, v.batch_size, v.min_actors, v.max_actors,
+                     v.num_gpus, v.num_cpus)
+    ds = actor_pipeline(table, cfg.data, step)
     tmp = run.root / f"condensed.tmp-{int(time.time())}"
     ds.write_parquet(str(tmp))
     write_json_atomic(tmp / SETTINGS_FILE, settings)
@@ -458,6 +684,13 @@ def _score_stats(scores_dir: Path, num_classes: int) -> dict[str, Any]:
     }
 
 
+def features_manifest(features_dir: Optional[Path]) -> Optional[dict[str, Any]]:
+    """The manifest's record of the features a kcenter/herding selection read (None for other methods)."""
+    if features_dir is None:
+        return None
+    return {"dir": str(features_dir), "settings": json.loads((features_dir / SETTINGS_FILE).read_text())}
+
+
 def run_condense(cfg: D2CConfig) -> int:
     """Run (or resume) the whole condense job for ``cfg``; returns a process exit code."""
     check_paths(cfg, ("data", "score", "attach"))
@@ -485,11 +718,13 @@ def run_condense(cfg: D2CConfig) -> int:
             source = run
             scorer = resolve_scorer(cfg)
             score_stats = score_stage(cfg, listing, run, scorer)
-        sel, reports = select_stage(cfg, source.scores, run.selection, listing.num_classes)
+        features_dir, feature_stats = prepare_features(cfg, listing, run, source) if cfg.select.needs_features else (None, {})
+        sel, reports = select_stage(cfg, source.scores, run.selection, listing.num_classes, features_dir)
         attach_stats = attach_stage(cfg, listing, sel, run)
     except StageSettingsError as err:
         raise ConfigError(str(err)) from None
-    timings.update({"scores": score_stats.get("seconds", 0.0), "attach": attach_stats.get("seconds", 0.0)})
+    timings.update({"scores": score_stats.get("seconds", 0.0), "features": feature_stats.get("seconds", 0.0),
+                    "attach": attach_stats.get("seconds", 0.0)})
     rejects = pd.read_parquet(source.rejects) if any(source.rejects.glob("*.parquet")) else pd.DataFrame(columns=["image_id", "reason"])
     counts = listing.class_counts()
     manifest = {
@@ -507,6 +742,7 @@ def run_condense(cfg: D2CConfig) -> int:
         "per_class": [r.to_dict() | {"listed": counts[r.label]} for r in reports],
         "clamped_classes": [r.label for r in reports if r.k is not None and r.k_used is not None and r.k_used != r.k],
         "scores_dir": str(source.scores),
+        "features": features_manifest(features_dir),
         "score_stats": _score_stats(source.scores, listing.num_classes),
         "shapes": {"num_tokens": cfg.num_tokens, "latent": [cfg.latent_channels, cfg.latent_size, cfg.latent_size]},
         "timings_s": timings | {"total": time.perf_counter() - t0},

@@ -5,7 +5,7 @@
     record("select", "rows_selected", len(selection))
     record("train", "train_loss", loss)
 
-Every metric carries one tag, ``stage`` (``score``, ``select``, ``attach``, ``train``,
+Every metric carries one tag, ``stage`` (``score``, ``features``, ``select``, ``attach``, ``train``,
 ``evaluate``, ``sweep``). Ray exports them from each process that records them — the
 job's driver, a Ray Data actor, a Ray Train worker — to the node's Prometheus endpoint,
 where they appear with Ray's ``ray_`` prefix, e.g.::
@@ -45,6 +45,8 @@ class MetricSpec:
 METRICS: dict[str, MetricSpec] = {
     "images_scored_per_s": MetricSpec(
         "gauge", "Images per second through encode + difficulty scoring (the scoring actor pool)"),
+    "images_encoded_per_s": MetricSpec(
+        "gauge", "Images per second through the pooled visual features of kcenter/herding (the feature actor pool)"),
     "rows_selected": MetricSpec(
         "counter", "Rows kept by the selection (interval sampling or a baseline), summed over classes"),
     "train_images_per_s": MetricSpec(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -107,6 +108,45 @@ def decoded(ds, data_cfg: DataConfig):
                           num_cpus=data_cfg.decode_num_cpus)
 
 
+@dataclass(frozen=True)
+class ActorStep:
+    """A model-holding Ray Data step: a callable class (its model loads once, in ``__init__``).
+
+    Attributes:
+        cls: the callable class; ``cls(**kwargs)(decoded numpy batch)`` → output batch.
+        kwargs: its constructor kwargs (plain data: they travel to every actor).
+        batch_size: rows per call (also the rows per input block of the listing).
+        min_actors, max_actors: the actor pool's size.
+        num_gpus: GPUs per actor (0 = none requested).
+        num_cpus: CPUs per actor (None = Ray Data's default).
+    """
+
+    cls: type
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 64
+    min_actors: int = 1
+    max_actors: int = 1
+    num_gpus: float = 0.0
+    num_cpus: Optional[float] = None
+
+
+def actor_pipeline(table: pa.Table, data_cfg: DataConfig, step: ActorStep):
+    """Listing table → Ray Dataset: blocks of ``step.batch_size`` rows → decode (CPU tasks) → the actor pool."""
+    import ray
+
+    ds = decoded(ray.data.from_arrow(table_blocks(table, step.batch_size)), data_cfg)
+    remote: dict[str, float] = {"num_gpus": step.num_gpus} if step.num_gpus > 0 else {}
+    if step.num_cpus is not None:
+        remote["num_cpus"] = step.num_cpus
+    return ds.map_batches(
+        step.cls,
+        fn_constructor_kwargs=step.kwargs,
+        batch_size=step.batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=step.min_actors, max_size=step.max_actors),
+        **remote,
+    )
+
+
 def image_keys(image_ids) -> np.ndarray:
     """A stable int64 per image_id (sha256-derived): a sortable row key for numeric-only loaders."""
     import hashlib
@@ -148,6 +188,15 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to ``path`` through a temp file and a rename."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    """Write a parquet file through a temp file and a rename (a complete file or none)."""
+    import pyarrow.parquet as pq
+
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
     os.replace(tmp, path)
 
 

@@ -1,7 +1,8 @@
 """``d2c sweep``: Ray Tune over config values (by default interval k × data budget).
 
-    scores (computed once, or ``score.reuse_from``) ─► Tuner(grid | random, ASHA optional)
-      trial: select from the scores table (no re-scoring) ─► attach (latents + visual tokens
+    scores (computed once, or ``score.reuse_from``) [+ kcenter/herding features, computed or reused
+    once] ─► Tuner(grid | random, ASHA optional)
+      trial: select from the scores table (no re-scoring, no re-encoding) ─► attach (latents + visual tokens
       cached by image_id across trials) ─► TorchTrainer inside the trial ─► FID-N every
       ``sweep.eval_every`` steps ─► tune.report
     ─► SWEEP/results.csv (+ .parquet), best value per budget, the report's FID-vs-k plot
@@ -19,13 +20,22 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from app.condense import RunDir, attach_stage, resolve_scorer, reused_scores, score_stage
+from app.condense import (
+    RunDir,
+    attach_stage,
+    feature_settings,
+    load_features,
+    prepare_features,
+    resolve_scorer,
+    reused_scores,
+    score_stage,
+)
 from app.ray_session import init_ray, quiet_data_context
 from app.stages import write_json_atomic
 from d2c.config import ConfigError, D2CConfig, apply_overrides, build_config, check_paths
@@ -131,13 +141,16 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     listing = list_source(cfg.data)
     if not (condensed / "part-00000.parquet").is_file():
         scores = pd.read_parquet(ctx["scores_dir"], columns=["image_id", "label", "score"])
-        chooser = make_chooser(cfg.select.method, cfg.select.seed)
+        features_dir = ctx.get("features_dir") if cfg.select.needs_features else None
+        features = None if features_dir is None else load_features(Path(features_dir))
+        chooser = make_chooser(cfg.select.method, cfg.select.seed, features)
         sel, reports = select_table(scores, cfg.select.budget, cfg.select.method, cfg.select.k, cfg.select.shortfall,
                                     listing.num_classes, chooser)
         condense.mkdir(parents=True, exist_ok=True)
         sel.to_parquet(condense / "selection.parquet", index=False)
         write_json_atomic(condense / "manifest.json", {"class_names": listing.class_names, "params": params,
-                                                       "per_class": [r.to_dict() for r in reports]})
+                                                       "per_class": [r.to_dict() for r in reports],
+                                                       "features_dir": features_dir})
         text = Path(ctx["sweep_dir"]) / "text_embeddings.safetensors"
         if text.is_file():
             shutil.copyfile(text, condense / text.name)
@@ -173,6 +186,38 @@ def prepare_scores(cfg: D2CConfig, listing: Listing) -> Path:
     return run.scores
 
 
+def sweep_feature_config(cfg: D2CConfig, listing: Listing, points: list[dict[str, Any]]) -> Optional[D2CConfig]:
+    """The config whose visual features every kcenter/herding trial selects by; None if no trial needs any.
+
+    A sweep computes (or reuses) the features once, so its feature-method trials must all ask
+    for the same ones: a grid that varies them is refused before any work starts.
+    """
+    trial_cfgs = [build_config(apply_overrides(cfg.to_dict(), trial_overrides(p))) for p in points]
+    needing = [c for c in trial_cfgs if c.select.needs_features]
+    distinct = {json.dumps(feature_settings(c, listing), sort_keys=True, default=str) for c in needing}
+    if len(distinct) > 1:
+        raise ConfigError(
+            "sweep.grid: its kcenter/herding trials ask for different visual features, but a sweep computes them once; "
+            "keep select.feature_image_size, select.feature_batch_size, attach.vision.encoder, attach.vision.path "
+            "and score.shard_rows out of sweep.grid (or sweep them in separate sweeps)"
+        )
+    return needing[0] if needing else None
+
+
+def prepare_sweep_features(cfg: D2CConfig, feature_cfg: Optional[D2CConfig], listing: Listing, scores_dir: Path) -> Optional[Path]:
+    """The features of ``feature_cfg`` (:func:`sweep_feature_config`), once for every trial.
+
+    Reused from the scores run when it holds them with the same settings, else computed into
+    ``run_dir``. None when no trial needs features.
+    """
+    if feature_cfg is None:
+        return None
+    run = RunDir(cfg.run_dir)
+    run.root.mkdir(parents=True, exist_ok=True)
+    features_dir, _ = prepare_features(feature_cfg, listing, run, RunDir(scores_dir.parent))
+    return features_dir
+
+
 def results_table(grid, sweep_dir: Path, keys: list[str]) -> pd.DataFrame:
     """Every FID report of every trial: one row per (trial, steps)."""
     rows = []
@@ -200,9 +245,11 @@ def run_sweep(cfg: D2CConfig) -> int:
     sweep_dir = sweep_dir_of(cfg).resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
     listing = list_source(cfg.data)
+    feature_cfg = sweep_feature_config(cfg, listing, points)
     init_ray(cfg)
     quiet_data_context()
     scores_dir = prepare_scores(cfg, listing)
+    features_dir = prepare_sweep_features(cfg, feature_cfg, listing, scores_dir)
     if cfg.attach.text.encoder != "none" and cfg.model.use_text:
         from d2c.attach.text import compute_text_embeddings, save_text_embeddings
 
@@ -210,7 +257,8 @@ def run_sweep(cfg: D2CConfig) -> int:
         if not text.is_file():
             emb, mask = compute_text_embeddings(cfg.attach.text, listing.class_names)
             save_text_embeddings(text, emb, mask, listing.class_names, cfg.attach.text)
-    ctx = {"base": cfg.to_dict(), "sweep_dir": str(sweep_dir), "scores_dir": str(scores_dir)}
+    ctx = {"base": cfg.to_dict(), "sweep_dir": str(sweep_dir), "scores_dir": str(scores_dir),
+           "features_dir": None if features_dir is None else str(features_dir)}
     if cfg.sweep.search_alg == "grid":
         space = {"params": tune.grid_search(points), "ctx": ctx}
         num_samples = 1
@@ -240,6 +288,7 @@ def run_sweep(cfg: D2CConfig) -> int:
     table.to_csv(sweep_dir / RESULTS_CSV, index=False)
     table.to_parquet(sweep_dir / RESULTS_PARQUET, index=False)
     write_json_atomic(sweep_dir / "sweep.json", {"config": cfg.to_dict(), "scores_dir": str(scores_dir),
+                                                 "features_dir": ctx["features_dir"],
                                                  "wall_time_s": time.perf_counter() - start, "trials": len(grid),
                                                  "errors": [str(e) for e in errors]})
     if len(table):

@@ -20,8 +20,12 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from d2c.select.methods import FEATURE_METHODS
+
 #: Latent scaling factor of the Stable Diffusion VAE (METHOD.md, Select).
 SD_VAE_SCALING = 0.18215
+#: The select.* keys that only those methods read (the feature pass's settings).
+FEATURE_SELECT_KEYS = ("feature_image_size", "feature_batch_size")
 
 
 class ConfigError(ValueError):
@@ -119,6 +123,21 @@ class SelectConfig(_Section):
     #: What to do when (n-1)k runs past the end of a class.
     shortfall: Literal["clamp", "error"] = "clamp"
     seed: int = 0
+    # K-Center greedy and Herding choose by one pooled feature per image, float32 [d] = the
+    # mean over the ``attach.vision`` encoder's patch tokens of the unflipped image, computed
+    # over every listed image into RUN/features/ (on the ``attach.vision`` actor pool:
+    # min_actors, max_actors, num_gpus, num_cpus). The keys below only matter for those two methods.
+    #: Vision-encoder input side in pixels for the feature pass; None = ``attach.vision.image_size``.
+    #: Whole classes are encoded, so a smaller size than attach's is usually the right trade.
+    feature_image_size: Optional[int] = Field(None, ge=16)
+    #: Images per vision-encoder forward pass in the feature pass; every pass is padded to this
+    #: count, so features are bitwise independent of how Ray batches the rows.
+    feature_batch_size: int = Field(64, ge=1)
+
+    @property
+    def needs_features(self) -> bool:
+        """True for the methods that choose by visual features (kcenter, herding)."""
+        return self.method in FEATURE_METHODS
 
 
 class TextConfig(_Section):
@@ -380,6 +399,11 @@ class D2CConfig(_Section):
                 "autoencoder.path is required when autoencoder.kind is 'sd_vae'; set it to a "
                 "local diffusers directory or a hub id such as 'stabilityai/sd-vae-ft-ema'"
             )
+        if self.select.needs_features and self.attach.vision.encoder == "none":
+            raise ValueError(
+                f"select.method={self.select.method} chooses by the features of the attach vision encoder, "
+                "but attach.vision.encoder is 'none'; set attach.vision.encoder to efficientnet_lite0 or dinov2"
+            )
         if self.autoencoder.kind == "identity" and self.data.image_size % self.model.patch_size:
             raise ValueError(
                 f"data.image_size ({self.data.image_size}) must be divisible by "
@@ -401,6 +425,12 @@ class D2CConfig(_Section):
     def num_tokens(self) -> int:
         """Token count h of the diffusion transformer: (latent / patch)^2."""
         return (self.latent_size // self.patch_size) ** 2
+
+    @property
+    def feature_image_size(self) -> int:
+        """Vision-encoder input side of the selection feature pass (``select.feature_image_size``)."""
+        fs = self.select.feature_image_size
+        return self.attach.vision.image_size if fs is None else fs
 
     @property
     def patch_size(self) -> int:

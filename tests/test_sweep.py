@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -55,3 +56,38 @@ def test_two_by_two_sweep_end_to_end(condensed_run, scorer_ckpt, tmp_path, capsy
     assert run_sweep(cfg) == 0
     assert "resuming" in capsys.readouterr().out
     assert len(pd.read_csv(sweep_dir / RESULTS_CSV)) == 4
+
+
+def test_feature_baselines_sweep_encodes_once(condensed_run, scorer_ckpt, tmp_path, capsys):
+    from app.condense import RunDir
+    from d2c.select.baselines import herding, kcenter_greedy
+
+    run, _ = condensed_run
+    sweep_dir = tmp_path / "sweep"
+    feature_keys = ("select.feature_image_size=32", "select.feature_batch_size=8")
+    with pytest.raises(ConfigError, match="different visual features"):
+        run_sweep(_sweep_cfg(run, scorer_ckpt, sweep_dir, *feature_keys,
+                             'sweep.grid={"select.method": ["kcenter"], "select.feature_image_size": [32, 64]}'))
+    cfg = _sweep_cfg(run, scorer_ckpt, sweep_dir, *feature_keys,
+                     'sweep.grid={"select.method": ["kcenter", "herding"], "select.budget": [20]}')
+    assert run_sweep(cfg) == 0
+    out = capsys.readouterr().out
+    # the scores run holds no features: they are computed once, into run_dir, for both trials
+    features = RunDir(cfg.run_dir).features
+    assert out.count("[d2c] features: not reusing") == 1 and out.count("[d2c] features: 120 rows in") == 1
+    info = json.loads((sweep_dir / "sweep.json").read_text())
+    assert info["features_dir"] == str(features) and info["errors"] == []
+    table = pd.read_csv(sweep_dir / RESULTS_CSV)
+    assert sorted(table.method) == ["herding", "kcenter"]
+    scores = pd.read_parquet(RunDir(run).scores)
+    feats = pd.read_parquet(features)
+    by_id = dict(zip(feats.image_id, feats.feature))
+    for _, row in table.iterrows():
+        sel = pd.read_parquet(f"{row.trial_dir}/condense/selection.parquet")
+        assert set(sel.method) == {row.method} and len(sel) == 20
+        algo = {"kcenter": kcenter_greedy, "herding": herding}[row.method]
+        for label, group in scores.groupby("label"):
+            ordered = [i for _, i in sorted(zip(group.score, group.image_id))]
+            ranks = sorted(int(r) for r in algo(np.stack([by_id[i] for i in ordered]), 2))
+            got = sel[sel.label == label].sort_values("rank")
+            assert got["rank"].tolist() == ranks and got.image_id.tolist() == [ordered[r] for r in ranks]

@@ -14,10 +14,9 @@ from typing import Callable, Mapping
 import numpy as np
 import pandas as pd
 
-Chooser = Callable[[pd.DataFrame, int], np.ndarray]
+from d2c.select.methods import FEATURE_METHODS  # noqa: F401  (re-exported: methods needing feature vectors)
 
-#: Methods that need per-image feature vectors.
-FEATURE_METHODS = ("kcenter", "herding")
+Chooser = Callable[[pd.DataFrame, int], np.ndarray]
 
 
 def choose_random(seed: int) -> Chooser:
