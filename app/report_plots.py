@@ -59,12 +59,17 @@ BASELINE_STYLES = ("--", ":", "-.")
 SMOOTH_POINTS = 9
 
 
-def to_data_uri(fig: Figure) -> str:
-    """Render ``fig`` with the Agg canvas and return ``data:image/png;base64,…``."""
+def to_png(fig: Figure) -> bytes:
+    """Render ``fig`` with the Agg canvas; returns the PNG file's bytes."""
     canvas = FigureCanvasAgg(fig)
     buf = io.BytesIO()
     canvas.print_png(buf)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue()
+
+
+def to_data_uri(fig: Figure) -> str:
+    """Render ``fig`` with the Agg canvas and return ``data:image/png;base64,…``."""
+    return "data:image/png;base64," + base64.b64encode(to_png(fig)).decode("ascii")
 
 
 def _figure(width_in: float, height_in: float) -> Figure:

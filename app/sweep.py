@@ -47,6 +47,7 @@ from d2c.storage import Location, location
 
 RESULTS_CSV = "results.csv"
 RESULTS_PARQUET = "results.parquet"
+FID_PLOT = "fid_vs_k.png"
 #: Columns of the results table besides one column per swept key.
 RESULT_COLUMNS = ["k", "budget", "method", "steps", "fid", "kid", "wall_time_s", "trial_dir"]
 
@@ -191,13 +192,17 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
 
 
 def prepare_scores(cfg: D2CConfig, listing: Listing) -> Location:
-    """The scores every trial selects from: reused, or computed once in ``run_dir``."""
+    """The scores every trial selects from: reused, or computed once in ``run_dir``.
+
+    Returned absolute: trials run in their own working directories, where a relative path
+    names nothing.
+    """
     if cfg.score.reuse_from:
-        return reused_scores(cfg, listing).scores
+        return reused_scores(cfg, listing).scores.absolute()
     run = RunDir(cfg.run_dir)
     run.root.mkdir(parents=True, exist_ok=True)
     score_stage(cfg, listing, run, resolve_scorer(cfg))
-    return run.scores
+    return run.scores.absolute()
 
 
 def sweep_feature_config(cfg: D2CConfig, listing: Listing, points: list[dict[str, Any]]) -> Optional[D2CConfig]:
@@ -230,7 +235,7 @@ def prepare_sweep_features(cfg: D2CConfig, feature_cfg: Optional[D2CConfig], lis
     run = RunDir(cfg.run_dir)
     run.root.mkdir(parents=True, exist_ok=True)
     features_dir, _ = prepare_features(feature_cfg, listing, run, RunDir(scores_dir.parent))
-    return features_dir
+    return features_dir.absolute()
 
 
 def results_table(grid, sweep_dir: Location, keys: list[str]) -> pd.DataFrame:
@@ -248,6 +253,15 @@ def results_table(grid, sweep_dir: Location, keys: list[str]) -> pd.DataFrame:
                        fid=float(r["fid"]), kid=float(r["kid"]), wall_time_s=float(r["wall_time_s"]), trial_dir=r["trial_dir"])
             rows.append(row)
     return pd.DataFrame(rows, columns=keys + [c for c in RESULT_COLUMNS if c not in keys])
+
+
+def write_fid_plot(final: pd.DataFrame, sweep_dir: Location) -> Location:
+    """``sweep_dir/FID_PLOT`` (written atomically): FID against k, one curve per budget, from each trial's last report."""
+    from app.report_plots import plot_sweep, to_png
+
+    path = sweep_dir / FID_PLOT
+    path.write_bytes(to_png(plot_sweep(final)))
+    return path
 
 
 def run_sweep(cfg: D2CConfig) -> int:
@@ -315,6 +329,7 @@ def run_sweep(cfg: D2CConfig) -> int:
                                                  "errors": [str(e) for e in errors]})
     if len(table):
         final = table.sort_values("steps").groupby("trial_dir").tail(1)
+        print(f"[d2c] sweep: FID against k plotted in {write_fid_plot(final, sweep_dir)}", flush=True)
         best = final.loc[final.groupby("budget")["fid"].idxmin()]
         for _, r in best.iterrows():
             print(f"[d2c] sweep: budget {r['budget']}: best k={r['k']} (FID {r['fid']:.2f} after {r['steps']} steps)", flush=True)

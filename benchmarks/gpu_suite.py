@@ -913,6 +913,13 @@ class Ctx:
             return f"skipped: time budget ({left:.0f} s left, this variant needs ≈{need:.0f} s)"
         return None
 
+    def skipped_for_budget(self, row: "Row", features: frozenset[str]) -> bool:
+        """Mark ``row`` skipped (with the reason) when the time budget cannot fit ``features``."""
+        note = self.budget_note(features)
+        if note:
+            row.status, row.note = "skipped", note
+        return bool(note)
+
     def autocast(self, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
         if dtype is None or dtype == torch.float32:
             return contextlib.nullcontext()
@@ -1103,9 +1110,7 @@ def case_scoring(ctx: Ctx) -> list[Row]:
     rows = []
     for v in variants:
         row = Row("scoring", config, v.name, raw=dict(flops_per_image=flops_per_row * t_count))
-        skip = ctx.budget_note(v.features)
-        if skip:
-            row.status, row.note = "skipped", skip
+        if ctx.skipped_for_budget(row, v.features):
             rows.append(row)
             continue
 
@@ -1300,10 +1305,7 @@ def case_train(ctx: Ctx) -> list[Row]:
         point_rows = []
         for v in todo:
             row = Row("train", config, v.name, raw=dict(flops_per_image=flops_step, batch=batch, precision=precision))
-            skip = ctx.budget_note(v.features)
-            if skip:
-                row.status, row.note = "skipped", skip
-            else:
+            if not ctx.skipped_for_budget(row, v.features):
                 guarded(row, ctx, lambda r, v=v: measure_train(ctx, r, v, net, objective, data, text, mask,
                                                                batch, precision, flops_step))
             point_rows.append(row)
@@ -1379,9 +1381,7 @@ def case_vae(ctx: Ctx) -> list[Row]:
     for v in variants:
         impl = "diffusers AutoencoderKL.encode" if "diffusers" in v.features else "SDVAEEncode (same layers)"
         row = Row("vae", config, v.name, note=impl)
-        skip = ctx.budget_note(v.features)
-        if skip:
-            row.status, row.note = "skipped", skip
+        if ctx.skipped_for_budget(row, v.features):
             rows.append(row)
             continue
 
@@ -1478,9 +1478,7 @@ def case_dino(ctx: Ctx) -> list[Row]:
     rows = []
     for v in variants:
         row = Row("dino", config, v.name)
-        skip = ctx.budget_note(v.features)
-        if skip:
-            row.status, row.note = "skipped", skip
+        if ctx.skipped_for_budget(row, v.features):
             rows.append(row)
             continue
 

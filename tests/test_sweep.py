@@ -1,14 +1,16 @@
 """`d2c sweep` on Ray Tune: a 2×2 grid at tiny sizes, end to end, and its resume."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from app.sweep import RESULTS_CSV, grid_points, run_sweep, trial_name
+from app.sweep import FID_PLOT, RESULTS_CSV, grid_points, prepare_scores, run_sweep, trial_name
 from conftest import tiny_cfg
 from d2c.config import ConfigError
+from d2c.data.source import list_source
 
 
 def _sweep_cfg(run, scorer, sweep_dir, *extra):
@@ -32,6 +34,14 @@ def test_grid_points_are_validated(condensed_run, scorer_ckpt, tmp_path):
         grid_points(_sweep_cfg(run, scorer_ckpt, tmp_path / "s", 'sweep.grid={"select.k": [0]}'))
 
 
+def test_relative_reuse_from_reaches_trials_as_an_absolute_path(condensed_run, scorer_ckpt, tmp_path, monkeypatch):
+    run, _ = condensed_run
+    monkeypatch.chdir(Path(run).parent)  # trials run in other working directories: they need absolute paths
+    cfg = _sweep_cfg(Path(run).name, scorer_ckpt, tmp_path / "s")
+    scores = prepare_scores(cfg, list_source(cfg.data))
+    assert scores.local_path.is_absolute() and scores.local_path == (Path(run) / "scores").resolve()
+
+
 def test_two_by_two_sweep_end_to_end(condensed_run, scorer_ckpt, tmp_path, capsys):
     run, _ = condensed_run
     sweep_dir = tmp_path / "sweep"
@@ -43,6 +53,7 @@ def test_two_by_two_sweep_end_to_end(condensed_run, scorer_ckpt, tmp_path, capsy
     assert (table.steps == 2).all() and table.fid.notna().all() and (table.fid > 0).all()
     out = capsys.readouterr().out
     assert "budget 10: best k=" in out and "budget 20: best k=" in out
+    assert (sweep_dir / FID_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # every trial selected from the ONE scores table: its selection is interval sampling of it
     for _, row in table.iterrows():
         sel = pd.read_parquet(f"{row.trial_dir}/condense/selection.parquet")
