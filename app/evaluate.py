@@ -517,6 +517,7 @@ def reference_statistics(cfg: D2CConfig, num_classes: int, extractor_id: str) ->
 
     Returns:
         ``{"feats": pool [N, 2048] | None, "stats": FeatureStats, "spatial": FeatureStats | None,
+        "spatial_feats": [N, 2023] | None,
         "info": JSON description}``.
     """
     from d2c.eval.fid import NPZ_IMAGES, NPZ_MU, NPZ_SIGMA, load_reference_npz
@@ -544,13 +545,14 @@ def reference_statistics(cfg: D2CConfig, num_classes: int, extractor_id: str) ->
             print(f"[d2c] evaluate: reference statistics cached in {path} — reused", flush=True)
         info["rejected"] = int(len(rows) - len(cached[NPZ_POOL_FEATURES]))
         pool_stats, spatial_stats = _cached_stats(cached)
-        return dict(feats=cached[NPZ_POOL_FEATURES], stats=pool_stats, spatial=spatial_stats, info=info)
+        return dict(feats=cached[NPZ_POOL_FEATURES], stats=pool_stats, spatial=spatial_stats,
+                    spatial_feats=cached.get(NPZ_SPATIAL_FEATURES), info=info)
 
     # An ADM reference batch.
     with np.load(ref, allow_pickle=False) as z:
         files = list(z.files)
     info = dict(kind="adm_npz", path=str(Path(ref).resolve()), arrays=files)
-    stats = spatial = feats = None
+    stats = spatial = feats = spatial_feats = None
     if NPZ_MU in files and NPZ_SIGMA in files:
         loaded = load_reference_npz(ref)
         stats, spatial = loaded.pool, loaded.spatial
@@ -572,14 +574,14 @@ def reference_statistics(cfg: D2CConfig, num_classes: int, extractor_id: str) ->
             cached = _load_cached(path, key)
         else:
             print(f"[d2c] evaluate: reference features cached in {path} — reused", flush=True)
-        feats = cached[NPZ_POOL_FEATURES]
+        feats, spatial_feats = cached[NPZ_POOL_FEATURES], cached.get(NPZ_SPATIAL_FEATURES)
         info.update(cache_file=str(path), key=key, size=int(len(feats)))
         if stats is None:
             stats, spatial = _cached_stats(cached)
             info["fid_statistics_from"] = "features of the file's arr_0 images"
     if stats is None:
         raise ConfigError(f"eval.reference: {ref!r} holds neither mu/sigma nor arr_0 images (found {files})")
-    return dict(feats=feats, stats=stats, spatial=spatial, info=info)
+    return dict(feats=feats, stats=stats, spatial=spatial, spatial_feats=spatial_feats, info=info)
 
 
 # ------------------------------------------------------------------------------------
@@ -631,7 +633,7 @@ def compute_all_metrics(cfg: D2CConfig, samples: dict[str, np.ndarray], ref: dic
     from d2c.eval import fid
 
     kwargs = dict(stats_ref=ref["stats"], spatial_gen=samples["spatial"], spatial_ref=ref["spatial"],
-                  logits_gen=samples.get("logits"))
+                  spatial_ref_features=ref.get("spatial_feats"), logits_gen=samples.get("logits"))
     method, note = cfg.eval.fid_method, None
     try:
         values = fid.compute_metrics(samples["pool"], ref["feats"], fid_method=method, **kwargs)

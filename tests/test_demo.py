@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from app.cli import main
+from d2c.config import load_config
 from conftest import FMNIST
 
 pytestmark = pytest.mark.skipif(not FMNIST.is_dir(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
@@ -20,14 +21,16 @@ def test_quick_demo_end_to_end_and_rerun(ray_session, tmp_path, monkeypatch, cap
     assert "| d2c |" in printed and "| random |" in printed and "report:" in printed
     summary = json.loads((out / "demo.json").read_text())
     assert summary["quick"] is True
+    num_samples = summary["config"]["eval"]["num_samples"]
+    assert num_samples == load_config(summary["config_path"]).demo.quick["eval.num_samples"]  # demo.quick applied
     for stage in ["scorer (train from scratch, cached)", "condense (d2c)", "condense (random)",
                   "train (d2c)", "train (random)", "evaluate (d2c)", "evaluate (random)"]:
         assert stage in summary["timings_s"]
     for variant in ["d2c", "random"]:
         m = json.loads((out / variant / "eval" / "metrics.json").read_text())
-        assert np.isfinite(m["fid"]) and m["num_samples"] == 100
+        assert np.isfinite(m["fid"]) and m["num_samples"] == num_samples
         samples = np.load(out / variant / "eval" / "samples.npz")["arr_0"]
-        assert samples.shape == (100, 32, 32, 3) and samples.dtype == np.uint8
+        assert samples.shape == (num_samples, 32, 32, 3) and samples.dtype == np.uint8
     d2c_sel = json.loads((out / "d2c" / "condense" / "manifest.json").read_text())
     rnd_sel = json.loads((out / "random" / "condense" / "manifest.json").read_text())
     assert d2c_sel["rows"]["selected"] == rnd_sel["rows"]["selected"] == 100

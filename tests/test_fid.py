@@ -68,6 +68,8 @@ N_TORCH_FIDELITY = 25  # images per set re-featurised through torch-fidelity
 N_SMALL = 8  # images for the per-image equality checks and the cache
 BATCH = 25
 FID_REL_TOL = 1e-3
+#: The svd/eigh/sqrtm routes compute one trace: they agree to float64 round-off.
+SVD_REL_TOL = 1e-6
 #: |FID(A, A)|: with N = 50 < D = 2048 the covariances have rank 49, and sqrt of the
 #: ~2000 round-off eigenvalues of S.S (each ~1e-13) leaves ~1e-4 in the trace.
 SELF_FID_ATOL = 1e-3
@@ -306,6 +308,46 @@ def test_fid_of_a_set_with_itself_is_zero(stats, fid_ab):
 
 def test_eigh_route_equals_sqrtm_route(metrics_ab, fid_ab):
     assert metrics_ab["fid"] == pytest.approx(fid_ab, rel=FID_REL_TOL)
+
+
+def test_svd_route_equals_sqrtm_route(feats, stats, fid_ab, metrics_ab):
+    """The features route (nuclear norm of A B^T) gives ADM's sqrtm FID and the eigh sFID."""
+    fa, fb = feats["A"], feats["B"]
+    via_features = frechet_distance(stats["A"], stats["B"], method="svd", features=(fa.pool, fb.pool))
+    assert via_features == pytest.approx(fid_ab, rel=SVD_REL_TOL)
+    svd = compute_metrics(fa.pool, fb.pool, spatial_gen=fa.spatial, spatial_ref=fb.spatial,
+                          kid_subsets=KID_SUBSETS_TEST, fid_method="svd")
+    assert svd["fid"] == pytest.approx(fid_ab, rel=SVD_REL_TOL)
+    assert svd["sfid"] == pytest.approx(metrics_ab["sfid"], rel=SVD_REL_TOL)
+    # reference statistics + the features they came from: the same numbers
+    s_ref = FeatureStats.from_features(fb.spatial)
+    cached = compute_metrics(fa.pool, fb.pool, stats_ref=stats["B"], spatial_gen=fa.spatial, spatial_ref=s_ref,
+                             spatial_ref_features=fb.spatial, kid_subsets=KID_SUBSETS_TEST, fid_method="svd")
+    assert cached["fid"] == pytest.approx(svd["fid"], rel=SVD_REL_TOL)
+    assert cached["sfid"] == pytest.approx(svd["sfid"], rel=SVD_REL_TOL)
+
+
+@pytest.mark.parametrize("n_a,n_b,dim", [(12, 20, 32), (90, 60, 16)])
+def test_trace_from_features_equals_the_eigenvalues_of_the_product(n_a, n_b, dim):
+    """Below and above D samples: sum sqrt(eig(S_a S_b)), computed directly, is the features route's trace."""
+    rng = np.random.default_rng(n_a)
+    a = rng.standard_normal((n_a, dim)) @ rng.standard_normal((dim, dim))
+    b = rng.standard_normal((n_b, dim)) + 0.5
+    lam = np.linalg.eigvals(np.cov(a, rowvar=False) @ np.cov(b, rowvar=False)).real
+    want = np.sqrt(np.clip(lam, 0.0, None)).sum()
+    s_a, s_b = FeatureStats.from_features(a), FeatureStats.from_features(b)
+    got = frechet_distance(s_a, s_b, method="svd", features=(a, b))
+    direct = float(np.sum((s_a.mu - s_b.mu) ** 2) + np.trace(s_a.sigma) + np.trace(s_b.sigma) - 2 * want)
+    assert got == pytest.approx(direct, rel=SVD_REL_TOL)
+
+
+def test_svd_route_ignores_features_the_statistics_are_not_of(feats, stats):
+    """Reference statistics of other images (ADM's mu/sigma beside its arr_0) keep the eigh route on them."""
+    fa, fb = feats["A"], feats["B"]
+    got = compute_metrics(fa.pool, fb.pool, stats_ref=stats["C"], kid_subsets=KID_SUBSETS_TEST, fid_method="svd")
+    assert got["fid"] == pytest.approx(frechet_distance(stats["A"], stats["C"], method="eigh"), rel=SVD_REL_TOL)
+    with pytest.raises(ValueError, match="do not match"):
+        frechet_distance(stats["A"], stats["B"], method="svd", features=(fa.pool, fb.spatial))
 
 
 def test_single_class_fid_is_far_above_mixed_fid(stats, fid_ab):

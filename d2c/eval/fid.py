@@ -4,7 +4,8 @@ Definitions follow ADM's evaluator (FID/sFID, reference ``.npz`` format) and tor
 0.4 (KID, precision/recall, IS), so numbers are comparable with published ones:
 
 - **FID** (:func:`frechet_distance`): ``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 sqrtm(S_a S_b))``
-  with ``scipy.linalg.sqrtm``; if the square root is not finite, ``eps * I`` is added to
+  with ``scipy.linalg.sqrtm`` (``"sqrtm"``; ``"eigh"`` and ``"svd"`` compute the same trace
+  faster, the latter from the features); if the square root is not finite, ``eps * I`` is added to
   both covariances; a complex result is accepted only if its diagonal's imaginary part is
   within 1e-3 of 0, and its real part is used (ADM / pytorch-fid). Statistics are float64,
   ``sigma`` is ``np.cov(..., rowvar=False)`` (unbiased, N - 1).
@@ -76,6 +77,9 @@ DEFAULT_SEED = 2020
 HASH_CHUNK_IMAGES = 1024
 #: Minimum samples for a covariance.
 MIN_SAMPLES_FOR_COV = 2
+#: Tolerance of "these statistics are of these features" (means compared; float32 features).
+STATS_MATCH_RTOL = 1e-5
+STATS_MATCH_ATOL = 1e-6
 
 #: Array names of ADM's reference/sample ``.npz`` files.
 NPZ_IMAGES = "arr_0"
@@ -105,7 +109,7 @@ _FIDELITY_KEYS = {
     "inception_score_std": "is_std",
 }
 
-FidMethod = Literal["sqrtm", "eigh"]
+FidMethod = Literal["sqrtm", "eigh", "svd"]
 
 
 # ---------------------------------------------------------------------------
@@ -156,26 +160,63 @@ def _trace_sqrt_product_eigh(sigma_a: np.ndarray, sigma_b: np.ndarray) -> float:
     return float(np.sqrt(np.clip(lam, 0.0, None)).sum())
 
 
+def _trace_sqrt_product_features(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
+    """``tr sqrtm(S_a S_b)`` of the covariances of ``[N_a, D]`` and ``[N_b, D]`` features, from the features.
+
+    With centred features ``A``, ``B`` and ``S = X^T X / (N - 1)``, the non-zero eigenvalues of
+    ``S_a S_b = A^T A B^T B / c`` (``c = (N_a - 1)(N_b - 1)``) are those of ``M M^T / c`` with
+    ``M = A B^T`` ``[N_a, N_b]``, i.e. its squared singular values over c; so the trace of the
+    square root is the nuclear norm of M over ``sqrt(c)``: exact, and a small SVD instead of a
+    D x D matrix function when N is below D.
+    """
+    a = feats_a.astype(np.float64) - feats_a.mean(axis=0, dtype=np.float64)
+    b = feats_b.astype(np.float64) - feats_b.mean(axis=0, dtype=np.float64)
+    singular = np.linalg.svd(a @ b.T, compute_uv=False)
+    return float(singular.sum() / np.sqrt((len(a) - 1) * (len(b) - 1)))
+
+
+def _features_route_is_cheaper(n_a: int, n_b: int, dim: int) -> bool:
+    """True when the ``[N_a, N_b]`` SVD costs less than the ``D x D`` eigendecompositions."""
+    return n_a * n_b * min(n_a, n_b) <= dim**3
+
+
 def frechet_distance(
-    stats_a: FeatureStats, stats_b: FeatureStats, eps: float = FID_SINGULAR_EPS, method: FidMethod = "sqrtm"
+    stats_a: FeatureStats,
+    stats_b: FeatureStats,
+    eps: float = FID_SINGULAR_EPS,
+    method: FidMethod = "sqrtm",
+    features: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> float:
     """Fréchet distance between two Gaussians (FID on pool stats, sFID on spatial stats).
 
     Args:
         stats_a, stats_b: statistics of equal dimension D.
         eps: diagonal offset used when ``sqrtm(S_a S_b)`` is not finite (``"sqrtm"`` only).
-        method: ``"sqrtm"`` (ADM's computation, default) or ``"eigh"`` (same value through
-            a symmetric eigendecomposition; faster, for sweeps).
+        method: ``"sqrtm"`` (ADM's computation: ``scipy.linalg.sqrtm`` of the D x D product,
+            about 12 s at D = 2048 on 2 cores), ``"eigh"`` (the same trace through symmetric
+            eigendecompositions, about 2 s) or ``"svd"`` (the same trace from ``features``
+            through :func:`_trace_sqrt_product_features` when that is cheaper, about 0.03 s
+            for 300 vs 500 samples; else eigh). All three agree to float64 round-off
+            (tests/test_fid.py).
+        features: ``(features_a [N_a, D], features_b [N_b, D])`` the two statistics were
+            computed from (``"svd"`` only).
 
     Raises:
-        ValueError: dimensions differ, or sqrtm leaves an imaginary diagonal above 1e-3.
+        ValueError: dimensions differ, features do not match the statistics' shapes, or sqrtm
+            leaves an imaginary diagonal above 1e-3.
     """
     if stats_a.dim != stats_b.dim:
         raise ValueError(f"statistics have different dimensions: {stats_a.dim} vs {stats_b.dim}")
     mu1, mu2 = stats_a.mu.astype(np.float64), stats_b.mu.astype(np.float64)
     s1, s2 = stats_a.sigma.astype(np.float64), stats_b.sigma.astype(np.float64)
     diff = mu1 - mu2
-    if method == "eigh":
+    if features is not None:
+        for name, f, st in (("a", features[0], stats_a), ("b", features[1], stats_b)):
+            if f.ndim != 2 or f.shape[1] != st.dim or (st.n is not None and st.n != len(f)):
+                raise ValueError(f"features_{name} {f.shape} do not match statistics of D={st.dim}, N={st.n}")
+    if method == "svd" and features is not None and _features_route_is_cheaper(len(features[0]), len(features[1]), stats_a.dim):
+        tr_covmean = _trace_sqrt_product_features(*features)
+    elif method in ("eigh", "svd"):
         tr_covmean = _trace_sqrt_product_eigh(s1, s2)
     elif method == "sqrtm":
         covmean = scipy.linalg.sqrtm(s1.dot(s2))
@@ -189,7 +230,7 @@ def frechet_distance(
             covmean = covmean.real
         tr_covmean = float(np.trace(covmean))
     else:
-        raise ValueError(f"unknown FID method {method!r}: expected 'sqrtm' or 'eigh'")
+        raise ValueError(f"unknown FID method {method!r}: expected 'sqrtm', 'eigh' or 'svd'")
     return float(diff.dot(diff) + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
 
 
@@ -316,6 +357,23 @@ def inception_score(
 # ---------------------------------------------------------------------------
 # All metrics
 # ---------------------------------------------------------------------------
+def _features_of(feats_gen: np.ndarray, feats_ref: np.ndarray | None,
+                 stats_ref: FeatureStats) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(feats_gen, feats_ref)`` when ``stats_ref`` are the statistics of ``feats_ref``, else None.
+
+    A user's reference file may carry statistics of other features than the ones computed
+    here (ADM's mu/sigma next to its images): only features whose count and mean match the
+    statistics may stand in for them.
+    """
+    if feats_ref is None or feats_ref.ndim != 2 or feats_ref.shape[1] != stats_ref.dim:
+        return None
+    if stats_ref.n is not None and stats_ref.n != len(feats_ref):
+        return None
+    if not np.allclose(feats_ref.mean(axis=0, dtype=np.float64), stats_ref.mu, rtol=STATS_MATCH_RTOL, atol=STATS_MATCH_ATOL):
+        return None
+    return feats_gen, feats_ref
+
+
 def compute_metrics(
     feats_gen: np.ndarray,
     feats_ref: np.ndarray | None,
@@ -323,6 +381,7 @@ def compute_metrics(
     stats_ref: FeatureStats | None = None,
     spatial_gen: np.ndarray | None = None,
     spatial_ref: np.ndarray | FeatureStats | None = None,
+    spatial_ref_features: np.ndarray | None = None,
     logits_gen: np.ndarray | None = None,
     kid_subsets: int = KID_SUBSETS,
     kid_subset_size: int = KID_SUBSET_SIZE,
@@ -342,6 +401,8 @@ def compute_metrics(
             used for FID instead of statistics of ``feats_ref``.
         spatial_gen: generated sFID features ``[N_gen, 2023]``.
         spatial_ref: reference sFID features ``[N_ref, 2023]`` or their statistics.
+        spatial_ref_features: with statistics as ``spatial_ref``, the features they came
+            from, if at hand (the ``"svd"`` route uses them).
         logits_gen: generated unbiased logits ``[N_gen, 1008]`` (IS).
         kid_subset_size: clipped to the smaller set; the size used is reported.
 
@@ -355,7 +416,8 @@ def compute_metrics(
     if stats_ref is None:
         stats_ref = FeatureStats.from_features(feats_ref)
     out: dict[str, float | int] = {
-        "fid": frechet_distance(stats_gen, stats_ref, method=fid_method),
+        "fid": frechet_distance(stats_gen, stats_ref, method=fid_method,
+                                features=_features_of(feats_gen, feats_ref, stats_ref)),
         "n_gen": len(feats_gen),
         "n_ref": len(feats_ref) if feats_ref is not None else (stats_ref.n or 0),
     }
@@ -365,8 +427,12 @@ def compute_metrics(
         out["kid_subset_size"] = size
         out["precision"], out["recall"] = precision_recall(feats_gen, feats_ref, k=prc_k)
     if spatial_gen is not None and spatial_ref is not None:
-        s_ref = spatial_ref if isinstance(spatial_ref, FeatureStats) else FeatureStats.from_features(spatial_ref)
-        out["sfid"] = frechet_distance(FeatureStats.from_features(spatial_gen), s_ref, method=fid_method)
+        if isinstance(spatial_ref, FeatureStats):
+            s_ref, s_feats = spatial_ref, spatial_ref_features
+        else:
+            s_ref, s_feats = FeatureStats.from_features(spatial_ref), spatial_ref
+        out["sfid"] = frechet_distance(FeatureStats.from_features(spatial_gen), s_ref, method=fid_method,
+                                       features=_features_of(spatial_gen, s_feats, s_ref))
     if logits_gen is not None:
         out["is_mean"], out["is_std"] = inception_score(logits_gen, splits=is_splits, seed=seed)
     return out
