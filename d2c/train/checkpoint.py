@@ -34,7 +34,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, TypeVar
 
 import numpy as np
 import torch
@@ -200,6 +200,10 @@ def save_checkpoint(
 # ----------------------------------------------------------------------------------------------
 
 
+#: A checkpoint's place: a local Path or a storage Location.
+_P = TypeVar("_P")
+
+
 def _is_complete(path: Path) -> bool:
     return all((path / f).is_file() for f in CHECKPOINT_FILES)
 
@@ -223,20 +227,30 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Optional[Path]:
     return found[-1][1] if found else None
 
 
+def _resolve(where: Any, has: Callable[[str], bool], newest: Callable[[], Optional[_P]]) -> Optional[_P]:
+    """The rule of :func:`resolve_checkpoint` / :func:`resolve_checkpoint_at`.
+
+    ``where`` holds ``has(name)`` files: None when it is a (complete) checkpoint itself, else
+    ``newest()``, the newest checkpoint inside it. Raises CheckpointError when it is an
+    incomplete checkpoint or holds none.
+    """
+    if has(META_FILE):
+        missing = [f for f in CHECKPOINT_FILES if not has(f)]
+        if missing:
+            raise CheckpointError(f"checkpoint {str(where)!r} is incomplete: missing {missing}")
+        return None
+    latest = newest()
+    if latest is None:
+        raise CheckpointError(
+            f"{str(where)!r} is neither a d2c checkpoint (no {META_FILE}) nor a directory holding step-* checkpoints"
+        )
+    return latest
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint directory itself, or the newest one inside a checkpoints directory."""
     p = Path(path)
-    if (p / META_FILE).is_file():
-        if not _is_complete(p):
-            missing = [f for f in CHECKPOINT_FILES if not (p / f).is_file()]
-            raise CheckpointError(f"checkpoint {str(p)!r} is incomplete: missing {missing}")
-        return p
-    latest = latest_checkpoint(p)
-    if latest is None:
-        raise CheckpointError(
-            f"{str(p)!r} is neither a d2c checkpoint (no {META_FILE}) nor a directory holding step-* checkpoints"
-        )
-    return latest
+    return _resolve(p, lambda name: (p / name).is_file(), lambda: latest_checkpoint(p)) or p
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
@@ -334,17 +348,7 @@ def resolve_checkpoint_at(path: Location | str | os.PathLike) -> Location:
         resolved = resolve_checkpoint(loc.local_path)
         return loc if resolved == loc.local_path else loc / resolved.name
     present = {f.name for f in loc.files()}
-    if META_FILE in present:
-        missing = [f for f in CHECKPOINT_FILES if f not in present]
-        if missing:
-            raise CheckpointError(f"checkpoint {str(loc)!r} is incomplete: missing {missing}")
-        return loc
-    latest = latest_checkpoint_at(loc)
-    if latest is None:
-        raise CheckpointError(
-            f"{str(loc)!r} is neither a d2c checkpoint (no {META_FILE}) nor a directory holding step-* checkpoints"
-        )
-    return latest
+    return _resolve(loc, present.__contains__, lambda: latest_checkpoint_at(loc)) or loc
 
 
 def read_meta_at(path: Location | str | os.PathLike) -> dict[str, Any]:
