@@ -12,6 +12,7 @@ import sys
 from typing import Callable, Optional
 
 from d2c.config import ConfigError, D2CConfig, dump_config, load_config
+from d2c.storage import StorageError
 
 #: subcommand → (module in app/, function name, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -85,7 +86,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.command == "demo":
             return int(func(cfg, quick=args.quick, out=args.out, config_path=args.config, overrides=args.overrides) or 0)
         return int(func(cfg) or 0)
-    except ConfigError as err:
+    except (ConfigError, StorageError) as err:
         print(f"d2c {args.command}: {err}", file=sys.stderr)
         return 2
     except NotImplementedError as err:

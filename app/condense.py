@@ -9,12 +9,16 @@
 Resumable: scores and features are written shard by shard (a shard file is its own
 completion marker), so a rerun after a crash computes only the missing shards. A stage whose
 output is complete for the same settings is skipped; changed settings are refused.
+
+``run_dir`` (and ``score.reuse_from``) may be a local path or a ``s3://`` / ``gs://`` /
+``file://`` URI (:mod:`d2c.storage`); so may every directory derived from them (scores,
+features, selection, condensed). Directories are finished by a ``_SUCCESS`` marker written
+last (object stores have no rename); one found without it is cleared and redone.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -25,10 +29,9 @@ from typing import Any, Callable, Optional
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from app.metrics import record
-from app.ray_session import init_ray, quiet_data_context
+from app.ray_session import check_shared_storage, init_ray, quiet_data_context
 from app.stages import (
     ActorStep,
     StageSettingsError,
@@ -45,6 +48,7 @@ from d2c.data.source import Listing, list_source
 from d2c.select.baselines import make_chooser
 from d2c.select.features import FEATURE_POOLING
 from d2c.select.interval import SELECTION_COLUMNS, ClassSelection, SelectionError, per_class_budget, select_class
+from d2c.storage import Location, location
 
 SETTINGS_FILE = "_settings.json"
 #: Scores rows per hash partition of the per-class groupby (DESIGN.md: too many partitions cost seconds).
@@ -60,10 +64,10 @@ FEATURE_COLUMN = "feature"
 
 
 class RunDir:
-    """Paths of a condense run (DESIGN.md, Artifacts)."""
+    """Locations of a condense run (DESIGN.md, Artifacts): a local path or a storage URI."""
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
+    def __init__(self, root: str | Path | Location):
+        self.root = location(root)
         self.scores = self.root / "scores"
         self.features = self.root / "features"
         self.rejects = self.root / "rejects"
@@ -72,13 +76,13 @@ class RunDir:
         self.text = self.root / "text_embeddings.safetensors"
         self.manifest = self.root / "manifest.json"
 
-    def score_shard(self, shard: int) -> Path:
+    def score_shard(self, shard: int) -> Location:
         return self.scores / f"shard-{shard:05d}.parquet"
 
-    def reject_shard(self, shard: int) -> Path:
+    def reject_shard(self, shard: int) -> Location:
         return self.rejects / f"shard-{shard:05d}.parquet"
 
-    def feature_shard(self, shard: int) -> Path:
+    def feature_shard(self, shard: int) -> Location:
         return self.features / f"shard-{shard:05d}.parquet"
 
 
@@ -124,7 +128,7 @@ def feature_settings(cfg: D2CConfig, listing: Listing) -> dict[str, Any]:
     }
 
 
-def selection_settings(cfg: D2CConfig, scores_dir: Path, features_dir: Optional[Path] = None) -> dict[str, Any]:
+def selection_settings(cfg: D2CConfig, scores_dir: Location, features_dir: Optional[Location] = None) -> dict[str, Any]:
     """The select.* keys that shape the selection, the scores' settings and (kcenter/herding) the features'."""
     sel = cfg.select.model_dump()
     if not cfg.select.needs_features:
@@ -166,8 +170,9 @@ class ShardedPass:
     Attributes:
         name: the output's name in messages and errors ("scores", "features").
         verb: what the pass does to an image, in messages ("score", "encode").
-        out_dir: where the shards go, with ``_settings.json`` and, once complete, ``_SUCCESS``.
-        shard_path: shard index → its output file.
+        out_dir: where the shards go, with ``_settings.json`` and, once complete, ``_SUCCESS``
+            (a local directory or a storage location).
+        shard_path: shard index → its output file, a direct child of ``out_dir``.
         settings: what the output depends on; other settings than the saved ones are refused.
         fix: how to resolve changed settings (ends the refusal message).
         step: the actor step that turns decoded rows into output rows.
@@ -177,13 +182,20 @@ class ShardedPass:
 
     name: str
     verb: str
-    out_dir: Path
-    shard_path: Callable[[int], Path]
+    out_dir: Location
+    shard_path: Callable[[int], Location]
     settings: dict[str, Any]
     fix: str
     step: ActorStep
     write_shard: Callable[[int, dict[str, np.ndarray], np.ndarray], None]
     metric: tuple[str, str]
+
+
+def written_shards(sp: ShardedPass, num_shards: int) -> set[int]:
+    """The shards of ``sp`` whose files exist, from one listing of ``out_dir`` (not one request per
+    shard: on an object store every existence check is a round trip)."""
+    present = set(sp.out_dir.files(".parquet"))
+    return {s for s in range(num_shards) if sp.shard_path(s) in present}
 
 
 def run_sharded_pass(sp: ShardedPass, listing: Listing, shard_rows: int, data_cfg: DataConfig) -> dict[str, Any]:
@@ -198,7 +210,7 @@ def run_sharded_pass(sp: ShardedPass, listing: Listing, shard_rows: int, data_cf
                    f"the {sp.name} directory to {sp.fix}.")
     write_json_atomic(sp.out_dir / SETTINGS_FILE, sp.settings)
     num_shards = -(-len(listing.rows) // shard_rows)
-    done = {s for s in range(num_shards) if sp.shard_path(s).is_file()}
+    done = written_shards(sp, num_shards)
     todo = [s for s in range(num_shards) if s not in done]
     stats = {"shards": num_shards, "shards_reused": len(done), "rows": 0, "rejected": 0}
     if (sp.out_dir / SUCCESS_FILE).is_file() and not todo:
@@ -229,7 +241,8 @@ def run_sharded_pass(sp: ShardedPass, listing: Listing, shard_rows: int, data_cf
                 sp.write_shard(int(s), cols, bad)
                 stats["rows"] += int((~bad).sum())
                 stats["rejected"] += int(bad.sum())
-    missing = [s for s in todo if not sp.shard_path(s).is_file()]
+    written = written_shards(sp, num_shards)
+    missing = [s for s in todo if s not in written]
     if missing:
         raise RuntimeError(f"the {sp.name} pass ended with {len(missing)} shards incomplete ({missing[:5]}...); rerun to resume")
     (sp.out_dir / SUCCESS_FILE).write_text("")
@@ -397,7 +410,7 @@ def feature_stage(cfg: D2CConfig, listing: Listing, run: RunDir) -> dict[str, An
     return stats
 
 
-def _unusable_features(features_dir: Path, settings: dict[str, Any]) -> Optional[str]:
+def _unusable_features(features_dir: Location, settings: dict[str, Any]) -> Optional[str]:
     """None if ``features_dir`` holds complete features made with ``settings``, else why not."""
     settings_file = features_dir / SETTINGS_FILE
     if not settings_file.is_file():
@@ -409,7 +422,7 @@ def _unusable_features(features_dir: Path, settings: dict[str, Any]) -> Optional
     return f"they were made with other {', '.join(diffs)}" if diffs else None
 
 
-def prepare_features(cfg: D2CConfig, listing: Listing, run: RunDir, source: RunDir) -> tuple[Path, dict[str, Any]]:
+def prepare_features(cfg: D2CConfig, listing: Listing, run: RunDir, source: RunDir) -> tuple[Location, dict[str, Any]]:
     """The features the selection of ``run`` reads: those of the scores run ``source`` when they are
     complete and made with the same settings (baselines and sweeps never recompute them per run),
     else this run's own, computed (or resumed) here.
@@ -417,7 +430,7 @@ def prepare_features(cfg: D2CConfig, listing: Listing, run: RunDir, source: RunD
     Returns:
         (the features directory, the feature pass's stats: {} when reused from ``source``).
     """
-    if source.root.resolve() != run.root.resolve():
+    if not source.root.same_as(run.root):
         why = _unusable_features(source.features, feature_settings(cfg, listing))
         if why is None:
             print(f"[d2c] features: reusing {source.features} (same settings) — nothing to encode", flush=True)
@@ -426,13 +439,15 @@ def prepare_features(cfg: D2CConfig, listing: Listing, run: RunDir, source: RunD
     return run.features, feature_stage(cfg, listing, run)
 
 
-def load_features(features_dir: Path) -> dict[str, np.ndarray]:
-    """RUN/features → {image_id: float32 [d]} (every image's pooled visual feature)."""
-    shards = sorted(features_dir.glob("shard-*.parquet"))
+def load_features(features_dir: str | Path | Location) -> dict[str, np.ndarray]:
+    """RUN/features (a local path or a storage location) → {image_id: float32 [d]} (every image's pooled
+    visual feature)."""
+    features_dir = location(features_dir)
+    shards = features_dir.glob("shard-*.parquet")
     if not shards:
         raise FileNotFoundError(f"no feature shards in {str(features_dir)!r}; run `d2c condense` with select.method=kcenter "
                                 "or herding to compute them")
-    table = pa.concat_tables([pq.read_table(f, columns=["image_id", FEATURE_COLUMN]) for f in shards])
+    table = pa.concat_tables([f.read_table(columns=["image_id", FEATURE_COLUMN]) for f in shards])
     ids = table.column("image_id").to_pylist()
     column = table.column(FEATURE_COLUMN).combine_chunks()
     d = len(column[0]) if len(column) else 0
@@ -450,7 +465,7 @@ def _with_null(table: pa.Table, name: str, dtype: pa.DataType, index: int) -> pa
     return table.add_column(index, name, pa.nulls(len(table), dtype))
 
 
-def scores_with_features(scores, features_dir: Path):
+def scores_with_features(scores, features_dir: Location):
     """Scores rows ∪ features rows, one schema: image_id, label, score, feature.
 
     A scores row has a null feature, a features row a null score; grouped by label, each
@@ -461,7 +476,8 @@ def scores_with_features(scores, features_dir: Path):
 
     feature_type = pa.list_(pa.float32())
     left = scores.map_batches(_with_null, fn_kwargs=dict(name=FEATURE_COLUMN, dtype=feature_type, index=3), batch_format="pyarrow")
-    right = ray.data.read_parquet(str(features_dir)).select_columns(["image_id", "label", FEATURE_COLUMN])
+    features_path, features_fs = features_dir.for_ray()
+    right = ray.data.read_parquet(features_path, filesystem=features_fs).select_columns(["image_id", "label", FEATURE_COLUMN])
     right = right.map_batches(_with_null, fn_kwargs=dict(name="score", dtype=pa.float64(), index=2), batch_format="pyarrow")
     return left.union(right)
 
@@ -501,7 +517,7 @@ def _select_group(group: pd.DataFrame, n: int, method: str, k: int, shortfall: s
 
 
 def select_stage(
-    cfg: D2CConfig, scores_dir: Path, out_dir: Path, num_classes: int, features_dir: Optional[Path] = None
+    cfg: D2CConfig, scores_dir: Location, out_dir: Location, num_classes: int, features_dir: Optional[Location] = None
 ) -> tuple[pd.DataFrame, list[ClassSelection]]:
     """Interval (or baseline) selection over a scores table with a Ray Data groupby.
 
@@ -518,12 +534,13 @@ def select_stage(
     n = per_class_budget(cfg.select.budget, num_classes)
     settings = selection_settings(cfg, scores_dir, features_dir)
     if check_settings(out_dir / SETTINGS_FILE, settings, "selection", "") and (out_dir / SUCCESS_FILE).is_file():
-        sel = pd.read_parquet(out_dir / "selection.parquet")
+        sel = (out_dir / "selection.parquet").read_pandas()
         reports = [ClassSelection(**r) for r in json.loads((out_dir / "reports.json").read_text())]
         print(f"[d2c] selection: complete in {out_dir} — reused", flush=True)
         return sel, reports
     timer = StageTimer("selection")
-    ds = ray.data.read_parquet(str(scores_dir)).select_columns(["image_id", "label", "score"])
+    scores_path, scores_fs = scores_dir.for_ray()
+    ds = ray.data.read_parquet(scores_path, filesystem=scores_fs).select_columns(["image_id", "label", "score"])
     parts = cfg.ray.groupby_partitions or max(1, min(num_classes, ds.count() // GROUPBY_ROWS_PER_PARTITION))
     if features_dir is not None:
         ds = scores_with_features(ds, features_dir)
@@ -546,10 +563,9 @@ def select_stage(
     sel = df[SELECTION_COLUMNS].sort_values(["label", "rank"], kind="stable").reset_index(drop=True) if len(df) else pd.DataFrame(columns=SELECTION_COLUMNS)
     sel["label"] = sel["label"].astype(np.int64)
     sel["rank"] = sel["rank"].astype(np.int64)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
+    out_dir.rmtree()
     out_dir.mkdir(parents=True)
-    sel.to_parquet(out_dir / "selection.parquet", index=False)
+    (out_dir / "selection.parquet").write_parquet(sel)
     write_json_atomic(out_dir / "reports.json", [r.to_dict() for r in reports])
     write_json_atomic(out_dir / SETTINGS_FILE, settings)
     (out_dir / SUCCESS_FILE).write_text("")
@@ -602,14 +618,16 @@ def attach_stage(cfg: D2CConfig, listing: Listing, sel: pd.DataFrame, run: RunDi
 
     stats: dict[str, Any] = {}
     settings = attach_settings(cfg, selection_sha(sel))
-    done = check_settings(run.condensed / SETTINGS_FILE, settings, "condensed", "") if run.condensed.is_dir() else False
+    complete = (run.condensed / SUCCESS_FILE).is_file()
+    done = check_settings(run.condensed / SETTINGS_FILE, settings, "condensed", "") if complete else False
     if done and (run.condensed / SUCCESS_FILE).is_file() and (run.text.is_file() or cfg.attach.text.encoder == "none"):
         print(f"[d2c] attach: complete in {run.condensed} — reused", flush=True)
         return stats
     if cfg.attach.text.encoder != "none" and cfg.model.use_text:
         t = StageTimer("text embeddings")
         emb, mask = compute_text_embeddings(cfg.attach.text, listing.class_names)
-        save_text_embeddings(run.text, emb, mask, listing.class_names, cfg.attach.text)
+        with run.text.local_output() as staged:
+            save_text_embeddings(staged, emb, mask, listing.class_names, cfg.attach.text)
         stats["text_shape"] = list(emb.shape)
         t.done(len(listing.class_names))
     timer = StageTimer("attach")
@@ -620,13 +638,17 @@ def attach_stage(cfg: D2CConfig, listing: Listing, sel: pd.DataFrame, run: RunDi
     step = ActorStep(AttachActor, {"cfg_dict": cfg.to_dict()}, v.batch_size, v.min_actors, v.max_actors,
                      v.num_gpus, v.num_cpus)
     ds = actor_pipeline(table, cfg.data, step)
-    tmp = run.root / f"condensed.tmp-{int(time.time())}"
-    ds.write_parquet(str(tmp))
-    write_json_atomic(tmp / SETTINGS_FILE, settings)
-    (tmp / SUCCESS_FILE).write_text("")
+    # Completion-marker pattern (object stores cannot rename a directory into place): clear what
+    # is there, write the shards in place, the settings, and _SUCCESS last.
     if run.condensed.exists():
-        shutil.rmtree(run.condensed)
-    tmp.rename(run.condensed)
+        if not complete:
+            print(f"[d2c] attach: {run.condensed} has no {SUCCESS_FILE} (an interrupted run) — clearing it and redoing it", flush=True)
+        run.condensed.rmtree()
+    run.condensed.mkdir()
+    out_path, out_fs = run.condensed.for_ray()
+    ds.write_parquet(out_path, filesystem=out_fs)
+    write_json_atomic(run.condensed / SETTINGS_FILE, settings)
+    (run.condensed / SUCCESS_FILE).write_text("")
     stats["rows"] = len(positions)
     stats["seconds"] = timer.done(len(positions))
     return stats
@@ -639,7 +661,7 @@ def attach_stage(cfg: D2CConfig, listing: Listing, sel: pd.DataFrame, run: RunDi
 
 def reused_scores(cfg: D2CConfig, listing: Listing) -> RunDir:
     """The run whose complete scores ``score.reuse_from`` names, checked against this listing."""
-    path = Path(cfg.score.reuse_from)
+    path = location(cfg.score.reuse_from)
     source = RunDir(path.parent if path.name == "scores" else path)
     settings_file = source.scores / SETTINGS_FILE
     if not (source.scores / SUCCESS_FILE).is_file() or not settings_file.is_file():
@@ -675,8 +697,8 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _score_stats(scores_dir: Path, num_classes: int) -> dict[str, Any]:
-    df = pd.read_parquet(scores_dir, columns=["label", "score"])
+def _score_stats(scores_dir: Location, num_classes: int) -> dict[str, Any]:
+    df = scores_dir.read_pandas(columns=["label", "score"])
     per = df.groupby("label")["score"].agg(["count", "mean", "std", "min", "max"])
     return {
         "overall": {k: float(v) for k, v in df["score"].agg(["count", "mean", "std", "min", "max"]).items()},
@@ -684,7 +706,7 @@ def _score_stats(scores_dir: Path, num_classes: int) -> dict[str, Any]:
     }
 
 
-def features_manifest(features_dir: Optional[Path]) -> Optional[dict[str, Any]]:
+def features_manifest(features_dir: Optional[Location]) -> Optional[dict[str, Any]]:
     """The manifest's record of the features a kcenter/herding selection read (None for other methods)."""
     if features_dir is None:
         return None
@@ -703,11 +725,12 @@ def run_condense(cfg: D2CConfig) -> int:
     if cfg.select.shortfall == "error" and listing.empty_classes:
         raise ConfigError(f"classes {listing.empty_classes} are empty and select.shortfall=error")
     run = RunDir(cfg.run_dir)
+    init_ray(cfg)
+    check_shared_storage(cfg, {"run_dir": cfg.run_dir, "score.reuse_from": cfg.score.reuse_from})
     run.root.mkdir(parents=True, exist_ok=True)
     print(f"[d2c] condense: {len(listing.rows)} images in {listing.num_classes} classes -> {run.root}", flush=True)
     for note in listing.notes:
         print(f"[d2c] note: {note}", flush=True)
-    init_ray(cfg)
     quiet_data_context()
     timings: dict[str, float] = {}
     try:
@@ -725,7 +748,7 @@ def run_condense(cfg: D2CConfig) -> int:
         raise ConfigError(str(err)) from None
     timings.update({"scores": score_stats.get("seconds", 0.0), "features": feature_stats.get("seconds", 0.0),
                     "attach": attach_stats.get("seconds", 0.0)})
-    rejects = pd.read_parquet(source.rejects) if any(source.rejects.glob("*.parquet")) else pd.DataFrame(columns=["image_id", "reason"])
+    rejects = source.rejects.read_pandas() if source.rejects.files(".parquet") else pd.DataFrame(columns=["image_id", "reason"])
     counts = listing.class_counts()
     manifest = {
         "config": cfg.to_dict(),

@@ -19,6 +19,9 @@
   content and the Inception id, so they are computed once.
 * Skip: an EVAL directory complete for the same settings is reused (and says so); one made
   with other settings is refused.
+* Storage: ``eval_dir``, ``checkpoint`` and ``eval.text_embeddings`` may be local paths or
+  ``s3://`` / ``gs://`` / ``file://`` URIs (:mod:`d2c.storage`); the sampling actors fetch the
+  checkpoint themselves, so it must be readable from every node.
 """
 
 from __future__ import annotations
@@ -35,9 +38,10 @@ from typing import Any, Optional
 
 import numpy as np
 
-from app.ray_session import init_ray, quiet_data_context
+from app.ray_session import check_shared_storage, init_ray, quiet_data_context
 from app.stages import StageSettingsError, StageTimer, check_settings, decoded, listing_table, table_blocks, write_json_atomic
 from d2c.config import ConfigError, D2CConfig, DataConfig, build_config, check_model_path
+from d2c.storage import Location, StorageError, is_uri, location
 
 #: Format tag of metrics.json.
 EVAL_FORMAT = "d2c-eval-v1"
@@ -123,9 +127,9 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV, DEFAULT_CACHE_DIR))
 
 
-def eval_dir_of(cfg: D2CConfig) -> Path:
-    """``eval_dir``, default ``run_dir/eval``."""
-    return Path(cfg.eval_dir) if cfg.eval_dir else Path(cfg.run_dir) / "eval"
+def eval_dir_of(cfg: D2CConfig) -> Location:
+    """``eval_dir``, default ``run_dir/eval`` (a local path or a storage URI)."""
+    return location(cfg.eval_dir) if cfg.eval_dir else location(cfg.run_dir) / "eval"
 
 
 # ------------------------------------------------------------------------------------
@@ -133,28 +137,31 @@ def eval_dir_of(cfg: D2CConfig) -> Path:
 # ------------------------------------------------------------------------------------
 
 
-def resolve_eval_checkpoint(value: Optional[str]) -> tuple[Path, dict[str, Any]]:
-    """The checkpoint ``checkpoint=`` names: a step dir, a checkpoints dir, or a train dir.
+def resolve_eval_checkpoint(value: Optional[str]) -> tuple[Location, dict[str, Any]]:
+    """The checkpoint ``checkpoint=`` names: a step dir, a checkpoints dir, or a train dir (path or URI).
 
     Returns:
         (the ``step-*`` directory, its model.json).
     Raises:
         ConfigError: naming the key ``checkpoint`` when it is unset, missing or not a checkpoint.
     """
-    from d2c.train.checkpoint import CheckpointError, read_meta, resolve_checkpoint
+    from d2c.train.checkpoint import CheckpointError, read_meta_at, resolve_checkpoint_at
 
     if not value:
         raise ConfigError(
             "checkpoint is required: pass checkpoint=TRAIN_DIR (or its checkpoints/ directory, or one step-* directory)"
         )
-    p = Path(value).expanduser()
-    if not p.exists():
-        raise ConfigError(f"checkpoint: {value!r} does not exist; point checkpoint= at a train dir or a step-* checkpoint")
+    try:
+        p = location(value if is_uri(value) else str(Path(value).expanduser()))
+        if not p.exists():
+            raise ConfigError(f"checkpoint: {value!r} does not exist; point checkpoint= at a train dir or a step-* checkpoint")
+    except StorageError as err:
+        raise ConfigError(f"checkpoint: {err}") from None
     if (p / "checkpoints").is_dir() and not (p / "model.json").is_file():
         p = p / "checkpoints"
     try:
-        ckpt = resolve_checkpoint(p)
-        meta = read_meta(ckpt)
+        ckpt = resolve_checkpoint_at(p)
+        meta = read_meta_at(ckpt)
     except (CheckpointError, json.JSONDecodeError) as err:
         raise ConfigError(f"checkpoint: {value!r} is not a usable d2c checkpoint: {err}") from None
     for key in ("arch", "dit_kwargs", "diffusion"):
@@ -163,7 +170,7 @@ def resolve_eval_checkpoint(value: Optional[str]) -> tuple[Path, dict[str, Any]]
     return ckpt, meta
 
 
-def text_embeddings_path(cfg: D2CConfig, meta: dict[str, Any]) -> Optional[Path]:
+def text_embeddings_path(cfg: D2CConfig, meta: dict[str, Any]) -> Optional[Location]:
     """The class text embeddings a D2C model needs (None for a model without DC-embedding).
 
     ``eval.text_embeddings`` when set, else ``text_embeddings.safetensors`` beside the
@@ -177,7 +184,7 @@ def text_embeddings_path(cfg: D2CConfig, meta: dict[str, Any]) -> Optional[Path]
             raise ConfigError("eval.text_embeddings is set but the checkpoint's model has no DC text embedding; unset it")
         return None
     if cfg.eval.text_embeddings:
-        path = Path(cfg.eval.text_embeddings)
+        path = location(cfg.eval.text_embeddings)
     else:
         condensed = (meta.get("config") or {}).get("condensed")
         if not condensed:
@@ -185,7 +192,7 @@ def text_embeddings_path(cfg: D2CConfig, meta: dict[str, Any]) -> Optional[Path]
                 "the checkpoint's model uses class text embeddings but its config records no condensed set; "
                 "set eval.text_embeddings=RUN/text_embeddings.safetensors"
             )
-        path = Path(condensed).parent / TEXT_FILE
+        path = location(condensed).parent / TEXT_FILE
     if not path.is_file():
         raise ConfigError(f"eval.text_embeddings: {str(path)!r} does not exist; set eval.text_embeddings to the run's {TEXT_FILE}")
     return path
@@ -285,10 +292,12 @@ class SampleActor:
         cfg = build_config(cfg_dict)
         e = cfg.eval
         device = _actor_device(e.num_gpus, e.num_cpus)
-        model, meta = load_model(checkpoint, use_ema=True, device=device)
+        with location(checkpoint).local_copy() as local_ckpt:  # a URI is fetched by each actor itself
+            model, meta = load_model(local_ckpt, use_ema=True, device=device)
         text = None
         if text_path is not None:
-            emb, mask, _, _ = load_text_embeddings(text_path)
+            with location(text_path).local_copy() as local_text:
+                emb, mask, _, _ = load_text_embeddings(local_text)
             text = (emb, mask)
         self.num_samples, self.batch_size = e.num_samples, e.batch_size
         self.sampler = ClassBalancedSampler(
@@ -580,7 +589,7 @@ def reference_statistics(cfg: D2CConfig, num_classes: int, extractor_id: str) ->
 # ------------------------------------------------------------------------------------
 
 
-def draw_samples(cfg: D2CConfig, ckpt: Path, text_path: Optional[Path]) -> dict[str, np.ndarray]:
+def draw_samples(cfg: D2CConfig, ckpt: Location, text_path: Optional[Location]) -> dict[str, np.ndarray]:
     """The Ray pipeline: chunks → sampling actors → Inception actors → driver (sorted by index).
 
     Returns:
@@ -598,7 +607,8 @@ def draw_samples(cfg: D2CConfig, ckpt: Path, text_path: Optional[Path]) -> dict[
     ds = ray.data.from_items([{"id": c} for c in range(chunks)], override_num_blocks=chunks)
     ds = ds.map_batches(
         SampleActor,
-        fn_constructor_kwargs=dict(cfg_dict=cfg.to_dict(), checkpoint=str(ckpt), text_path=str(text_path) if text_path else None),
+        fn_constructor_kwargs=dict(cfg_dict=cfg.to_dict(), checkpoint=str(ckpt.absolute()),
+                                   text_path=str(text_path.absolute()) if text_path else None),
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(min_size=e.min_actors, max_size=e.max_actors),
         num_cpus=e.num_cpus,
@@ -638,15 +648,15 @@ def compute_all_metrics(cfg: D2CConfig, samples: dict[str, np.ndarray], ref: dic
     return values, settings
 
 
-def eval_settings(cfg: D2CConfig, ckpt: Path, meta: dict[str, Any], text_path: Optional[Path], reference_id: str,
+def eval_settings(cfg: D2CConfig, ckpt: Location, meta: dict[str, Any], text_path: Optional[Location], reference_id: str,
                   extractor_id: str) -> dict[str, Any]:
     """Everything the EVAL outputs depend on (a rerun with the same is skipped)."""
     e = cfg.eval
     return {
-        "checkpoint": str(ckpt.resolve()),
+        "checkpoint": str(ckpt.absolute()),
         "step": meta.get("step"),
         "weights": "ema",
-        "text_embeddings": str(text_path.resolve()) if text_path else None,
+        "text_embeddings": str(text_path.absolute()) if text_path else None,
         "autoencoder": cfg.autoencoder.model_dump(),
         "sampling": {k: getattr(e, k) for k in ("num_samples", "sampler", "steps", "cfg_scale", "seed", "clip_denoised")}
         | {"guidance_interval": list(e.guidance_interval) if e.guidance_interval else None},
@@ -668,14 +678,15 @@ def _reference_id(cfg: D2CConfig) -> str:
     return f"npz:{file_digest(ref)}"
 
 
-def _class_names(meta: dict[str, Any], text_path: Optional[Path]) -> Optional[list[str]]:
+def _class_names(meta: dict[str, Any], text_path: Optional[Location]) -> Optional[list[str]]:
     """Class names for the grids: from the text embeddings' metadata, else the condense manifest, else None."""
     if text_path is not None:
         from d2c.attach.text import load_text_embeddings
 
-        return load_text_embeddings(text_path)[2] or None
+        with text_path.local_copy() as local_text:
+            return load_text_embeddings(local_text)[2] or None
     condensed = (meta.get("config") or {}).get("condensed")
-    manifest = Path(condensed).parent / "manifest.json" if condensed else None
+    manifest = location(condensed).parent / "manifest.json" if condensed else None
     if manifest is not None and manifest.is_file():
         return json.loads(manifest.read_text()).get("class_names")
     return None
@@ -718,11 +729,12 @@ def run_evaluate(cfg: D2CConfig) -> int:
         print(f"[d2c] evaluate: {out_dir} is complete for the same settings — reused, nothing to do "
               f"(FID {prev.get('fid'):.3f} on {prev.get('num_samples')} samples)", flush=True)
         return 0
+    init_ray(cfg)
+    # the sampling actors read the checkpoint and text embeddings on whichever node they run
+    check_shared_storage(cfg, {"checkpoint": str(ckpt), "eval.text_embeddings": str(text_path) if text_path else None})
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"[d2c] evaluate: {ckpt} ({meta['arch']}, step {meta.get('step')}, EMA) — {cfg.eval.num_samples} samples, "
           f"{cfg.eval.sampler} {cfg.eval.steps} steps, CFG {cfg.eval.cfg_scale} -> {out_dir}", flush=True)
-
-    init_ray(cfg)
     quiet_data_context()
     t0 = time.perf_counter()
     ref = reference_statistics(cfg, num_classes, ext_id)
@@ -738,9 +750,12 @@ def run_evaluate(cfg: D2CConfig) -> int:
     values, metric_settings = compute_all_metrics(cfg, samples, ref)
     t_metrics = time.perf_counter() - t0
 
-    save_samples_npz(str(out_dir / SAMPLES_FILE), samples["image"], samples["label"])
+    with (out_dir / SAMPLES_FILE).local_output() as staged:
+        save_samples_npz(str(staged), samples["image"], samples["label"])
     class_names = _class_names(meta, text_path)
-    grids = write_grids(out_dir / GRIDS_DIR, samples["image"], samples["label"], num_classes, cfg.eval.grid_per_class, class_names)
+    with (out_dir / GRIDS_DIR).local_output_dir() as grids_dir:
+        grids = write_grids(grids_dir, samples["image"], samples["label"], num_classes, cfg.eval.grid_per_class, class_names)
+        grid_files = [str(Path(GRIDS_DIR) / p.relative_to(grids_dir)) for p in grids]
 
     e = cfg.eval
     not_computed = {}
@@ -764,14 +779,14 @@ def run_evaluate(cfg: D2CConfig) -> int:
         "guidance_interval": list(e.guidance_interval) if e.guidance_interval else None,
         "seed": e.seed,
         "sampling": sampling,
-        "checkpoint": {"path": str(ckpt.resolve()), "step": meta.get("step"), "arch": meta["arch"], "weights": "ema",
-                       "text_embeddings": str(text_path.resolve()) if text_path else None},
+        "checkpoint": {"path": str(ckpt.absolute()), "step": meta.get("step"), "arch": meta["arch"], "weights": "ema",
+                       "text_embeddings": str(text_path.absolute()) if text_path else None},
         "reference": ref["info"],
         "feature_extractor": {"id": ext_id, "source": source, "weights_path": weights,
                               "network": "Inception-v3, TF 2015-12-05 weights (ADM evaluator / torch-fidelity inception-v3-compat)"},
         "metric_settings": metric_settings,
         "not_computed": not_computed,
-        "files": {"samples": SAMPLES_FILE, "grids": [str(p.relative_to(out_dir)) for p in grids]},
+        "files": {"samples": SAMPLES_FILE, "grids": grid_files},
         "timing": {"reference_s": round(t_ref, 3), "sampling_and_features_s": round(t_samples, 3),
                    "samples_per_s": round(e.num_samples / t_samples, 3), "metrics_s": round(t_metrics, 3),
                    "total_s": round(total, 3)},

@@ -3,19 +3,22 @@
 * Usage stats are off (``RAY_USAGE_STATS_ENABLED=0``) before Ray is imported anywhere.
 * A local Ray binds its dashboard to 127.0.0.1 (Ray has no other access control).
 * Inside ``ray job submit`` (``RAY_ADDRESS`` set) we join that cluster.
+* :func:`check_shared_storage`: on a cluster whose work spans nodes, a node-local storage path
+  is refused before any work (the decision itself is :func:`d2c.storage.local_storage_refusal`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
+from typing import Mapping, Optional
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import ray  # noqa: E402
 
-from d2c.config import D2CConfig  # noqa: E402
+from d2c.config import ConfigError, D2CConfig  # noqa: E402
+from d2c.storage import local_storage_refusal, read_mounts, spans_nodes  # noqa: E402
 
 #: Where a local Ray serves its dashboard.
 LOCAL_DASHBOARD_HOST = "127.0.0.1"
@@ -49,3 +52,22 @@ def quiet_data_context(progress: bool = True) -> None:
     ctx.enable_progress_bars = progress
     ctx.enable_operator_progress_bars = progress
     ctx.print_on_execution_start = False
+
+
+def check_shared_storage(cfg: D2CConfig, paths: Mapping[str, Optional[str]]) -> None:
+    """Refuse node-local storage paths when the stage's work spans several Ray nodes.
+
+    Args:
+        paths: config key → path or URI the stage writes (or that its workers read), e.g.
+            ``{"run_dir": cfg.run_dir}``; None values are skipped.
+    Raises:
+        ConfigError: one paragraph per refused key (why, and the fix; ``ray.allow_local_storage``).
+    """
+    multi, reason = spans_nodes(ray.nodes(), ray.get_runtime_context().get_node_id())
+    if not multi:
+        return
+    mounts = read_mounts()
+    problems = [p for key, value in paths.items()
+                if (p := local_storage_refusal(key, value, multi, reason, mounts, cfg.ray.allow_local_storage))]
+    if problems:
+        raise ConfigError("\n".join(problems))

@@ -9,7 +9,6 @@ with an empty image and a ``reject`` reason instead.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import pyarrow as pa
 from d2c.config import DataConfig
 from d2c.data.preprocess import prepare_record
 from d2c.data.records import Reject
+from d2c.storage import Location, location
 
 #: Rows per Ray block of the listing (small blocks keep every actor busy).
 LISTING_BLOCK_ROWS = 1024
@@ -166,8 +166,8 @@ def add_image_key(batch: pa.Table) -> pa.Table:
 # ------------------------------------------------------------------------------------
 
 
-def check_settings(path: Path, settings: dict, what: str, fix: str) -> bool:
-    """Compare ``settings`` with the ones saved at ``path``.
+def check_settings(path: "Path | Location", settings: dict, what: str, fix: str) -> bool:
+    """Compare ``settings`` with the ones saved at ``path`` (a local path or a storage location).
 
     Returns:
         True if the file exists and matches, False if it does not exist.
@@ -184,20 +184,15 @@ def check_settings(path: Path, settings: dict, what: str, fix: str) -> bool:
     raise StageSettingsError(f"{what} in {str(path.parent)!r} was made with other settings ({'; '.join(diffs)}). {fix}")
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to ``path`` through a temp file and a rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+def write_json_atomic(path: "Path | Location", obj: Any) -> None:
+    """Write JSON to a path or storage location atomically (locally: a temp file and a rename)."""
+    location(path).write_json(obj)
 
 
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    """Write a parquet file through a temp file and a rename (a complete file or none)."""
-    import pyarrow.parquet as pq
-
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+def write_parquet_atomic(table: pa.Table, path: "Path | Location") -> None:
+    """Write a parquet file to a path or storage location, complete or not at all (locally: a temp
+    file and a rename; on an object store: one object, visible once its upload completed)."""
+    location(path).write_parquet(table)
 
 
 class StageTimer:

@@ -10,6 +10,10 @@
 A trial driver reserves only ``sweep.trial_cpus`` (its TorchTrainer workers reserve their own),
 so small clusters do not deadlock. An interrupted sweep resumes with ``Tuner.restore`` and
 finished trials are not redone; a trial's own checkpoints make its training resumable too.
+
+``sweep.dir`` may be a local path or a ``s3://`` / ``gs://`` / ``file://`` URI
+(:mod:`d2c.storage`): Tune's experiment state, every trial's condensed set, checkpoints and
+FID reports, and the results table all go there.
 """
 
 from __future__ import annotations
@@ -17,14 +21,11 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import shutil
 import time
-from pathlib import Path
 from typing import Any, Optional
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from app.condense import (
     RunDir,
@@ -36,12 +37,13 @@ from app.condense import (
     reused_scores,
     score_stage,
 )
-from app.ray_session import init_ray, quiet_data_context
+from app.ray_session import check_shared_storage, init_ray, quiet_data_context
 from app.stages import write_json_atomic
 from d2c.config import ConfigError, D2CConfig, apply_overrides, build_config, check_paths
 from d2c.data.source import Listing, list_source
 from d2c.select.baselines import make_chooser
 from d2c.select.interval import select_table
+from d2c.storage import Location, location
 
 RESULTS_CSV = "results.csv"
 RESULTS_PARQUET = "results.parquet"
@@ -50,8 +52,9 @@ FID_PLOT = "fid_vs_k.png"
 RESULT_COLUMNS = ["k", "budget", "method", "steps", "fid", "kid", "wall_time_s", "trial_dir"]
 
 
-def sweep_dir_of(cfg: D2CConfig) -> Path:
-    return Path(cfg.sweep.dir) if cfg.sweep.dir else Path(cfg.run_dir) / "sweep"
+def sweep_dir_of(cfg: D2CConfig) -> Location:
+    """``sweep.dir``, default ``run_dir/sweep`` (a local path or a storage URI)."""
+    return location(cfg.sweep.dir) if cfg.sweep.dir else location(cfg.run_dir) / "sweep"
 
 
 def trial_overrides(params: dict[str, Any]) -> list[str]:
@@ -83,33 +86,43 @@ def grid_points(cfg: D2CConfig) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------
 
 
-def cached_attach(cfg: D2CConfig, listing: Listing, sel: pd.DataFrame, cache: Path, out: Path) -> int:
+def _cache_parts(cache: Location) -> list[Location]:
+    """The parquet files of the attach cache's complete parts (``part-*/condensed/`` with ``_SUCCESS``)."""
+    files = []
+    for part in cache.glob("part-*"):
+        condensed = RunDir(part).condensed
+        if (condensed / "_SUCCESS").is_file():
+            files.extend(condensed.files(".parquet"))
+    return files
+
+
+def cached_attach(cfg: D2CConfig, listing: Listing, sel: pd.DataFrame, cache: Location, out: Location) -> int:
     """Write ``out`` (a condensed set) for ``sel``, encoding only images not yet in ``cache``.
 
-    The cache is a directory of parquet parts in the condensed format, one part per
-    encoding pass, keyed by image_id (duplicates from concurrent trials are harmless).
+    The cache is a directory of parts, one per encoding pass: ``part-<ns>/condensed/`` in the
+    condensed format, counted once its ``_SUCCESS`` marker is there (an interrupted pass is
+    ignored), keyed by image_id (duplicates from concurrent trials are harmless).
     Returns the number of images encoded by this call.
     """
+    cache, out = location(cache), location(out)
     cache.mkdir(parents=True, exist_ok=True)
-    parts = sorted(cache.glob("part-*/*.parquet"))
+    parts = _cache_parts(cache)
     have = set()
     for p in parts:
-        have.update(pq.read_table(p, columns=["image_id"]).column("image_id").to_pylist())
+        have.update(p.read_table(columns=["image_id"]).column("image_id").to_pylist())
     missing = sel[~sel["image_id"].isin(have)]
     if len(missing):
-        scratch = RunDir(cache / f"tmp-{time.time_ns()}")
-        scratch.root.mkdir(parents=True)
+        part = RunDir(cache / f"part-{time.time_ns()}")
+        part.root.mkdir(parents=True)
         # the cache always holds every feature the attach config can give (trials may differ in
         # model.use_visual); text embeddings are per class and live beside the sweep instead
         enc = build_config(apply_overrides(cfg.to_dict(), ["attach.text.encoder=none", "model.use_visual=true"]))
-        attach_stage(enc, listing, missing, scratch)
-        scratch.condensed.rename(cache / f"part-{time.time_ns()}")
-        shutil.rmtree(scratch.root, ignore_errors=True)
-        parts = sorted(cache.glob("part-*/*.parquet"))
+        attach_stage(enc, listing, missing, part)
+        parts = _cache_parts(cache)
     wanted = set(sel["image_id"])
     tables = []
     for p in parts:
-        t = pq.read_table(p)
+        t = p.read_table()
         mask = pa.array([i in wanted for i in t.column("image_id").to_pylist()])
         tables.append(t.filter(mask))
     table = pa.concat_tables(tables)
@@ -118,7 +131,7 @@ def cached_attach(cfg: D2CConfig, listing: Listing, sel: pd.DataFrame, cache: Pa
     first = {i: n for n, i in reversed(list(enumerate(ids)))}
     table = table.take(sorted(first.values()))
     out.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, out / "part-00000.parquet")
+    (out / "part-00000.parquet").write_parquet(table)
     return len(missing)
 
 
@@ -136,26 +149,27 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
 
     start = time.perf_counter()
     cfg = build_config(apply_overrides(ctx["base"], trial_overrides(params)))
-    tdir = Path(ctx["sweep_dir"]) / "trials" / trial_name(params)
+    sweep_dir = location(ctx["sweep_dir"])
+    tdir = sweep_dir / "trials" / trial_name(params)
     condense = tdir / "condense"
     condensed = condense / "condensed"
     listing = list_source(cfg.data)
     if not (condensed / "part-00000.parquet").is_file():
-        scores = pd.read_parquet(ctx["scores_dir"], columns=["image_id", "label", "score"])
+        scores = location(ctx["scores_dir"]).read_pandas(columns=["image_id", "label", "score"])
         features_dir = ctx.get("features_dir") if cfg.select.needs_features else None
-        features = None if features_dir is None else load_features(Path(features_dir))
+        features = None if features_dir is None else load_features(location(features_dir))
         chooser = make_chooser(cfg.select.method, cfg.select.seed, features)
         sel, reports = select_table(scores, cfg.select.budget, cfg.select.method, cfg.select.k, cfg.select.shortfall,
                                     listing.num_classes, chooser)
         condense.mkdir(parents=True, exist_ok=True)
-        sel.to_parquet(condense / "selection.parquet", index=False)
+        (condense / "selection.parquet").write_parquet(sel)
         write_json_atomic(condense / "manifest.json", {"class_names": listing.class_names, "params": params,
                                                        "per_class": [r.to_dict() for r in reports],
                                                        "features_dir": features_dir})
-        text = Path(ctx["sweep_dir"]) / "text_embeddings.safetensors"
+        text = sweep_dir / "text_embeddings.safetensors"
         if text.is_file():
-            shutil.copyfile(text, condense / text.name)
-        cached_attach(cfg, listing, sel, Path(ctx["sweep_dir"]) / "attach_cache", condensed)
+            text.copy_to(condense / text.name)
+        cached_attach(cfg, listing, sel, sweep_dir / "attach_cache", condensed)
     total = cfg.train.steps
     every = cfg.sweep.eval_every or total
     ends = sorted(set(list(range(every, total, every)) + [total]))
@@ -167,7 +181,7 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
         ]))
         fit(step_cfg, tdir / "train", full=False)
         run_evaluate(step_cfg)
-        m = json.loads((tdir / f"eval-{end:07d}" / "metrics.json").read_text())
+        m = (tdir / f"eval-{end:07d}" / "metrics.json").read_json()
         tune.report({"fid": float(m["fid"]), "kid": float(m.get("kid_mean", float("nan"))), "steps": end,
                      "wall_time_s": time.perf_counter() - start, "trial_dir": str(tdir)})
 
@@ -177,7 +191,7 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------
 
 
-def prepare_scores(cfg: D2CConfig, listing: Listing) -> Path:
+def prepare_scores(cfg: D2CConfig, listing: Listing) -> Location:
     """The scores every trial selects from: reused, or computed once in ``run_dir``.
 
     Returned absolute: trials run in their own working directories, where a relative path
@@ -209,7 +223,8 @@ def sweep_feature_config(cfg: D2CConfig, listing: Listing, points: list[dict[str
     return needing[0] if needing else None
 
 
-def prepare_sweep_features(cfg: D2CConfig, feature_cfg: Optional[D2CConfig], listing: Listing, scores_dir: Path) -> Optional[Path]:
+def prepare_sweep_features(cfg: D2CConfig, feature_cfg: Optional[D2CConfig], listing: Listing,
+                           scores_dir: Location) -> Optional[Location]:
     """The features of ``feature_cfg`` (:func:`sweep_feature_config`), once for every trial.
 
     Reused from the scores run when it holds them with the same settings, else computed into
@@ -223,7 +238,7 @@ def prepare_sweep_features(cfg: D2CConfig, feature_cfg: Optional[D2CConfig], lis
     return features_dir.absolute()
 
 
-def results_table(grid, sweep_dir: Path, keys: list[str]) -> pd.DataFrame:
+def results_table(grid, sweep_dir: Location, keys: list[str]) -> pd.DataFrame:
     """Every FID report of every trial: one row per (trial, steps)."""
     rows = []
     for result in grid:
@@ -240,14 +255,12 @@ def results_table(grid, sweep_dir: Path, keys: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=keys + [c for c in RESULT_COLUMNS if c not in keys])
 
 
-def write_fid_plot(final: pd.DataFrame, sweep_dir: Path) -> Path:
-    """``sweep_dir/FID_PLOT``: FID against k, one curve per budget, from each trial's last report."""
+def write_fid_plot(final: pd.DataFrame, sweep_dir: Location) -> Location:
+    """``sweep_dir/FID_PLOT`` (written atomically): FID against k, one curve per budget, from each trial's last report."""
     from app.report_plots import plot_sweep, to_png
 
     path = sweep_dir / FID_PLOT
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(to_png(plot_sweep(final)))
-    tmp.replace(path)
+    path.write_bytes(to_png(plot_sweep(final)))
     return path
 
 
@@ -258,11 +271,15 @@ def run_sweep(cfg: D2CConfig) -> int:
 
     check_paths(cfg, ("data", "score", "attach"))
     points = grid_points(cfg)
-    sweep_dir = sweep_dir_of(cfg).resolve()
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    sweep_dir = sweep_dir_of(cfg).absolute()
     listing = list_source(cfg.data)
     feature_cfg = sweep_feature_config(cfg, listing, points)
     init_ray(cfg)
+    # run_dir is written when the scores are computed here, or the features (kcenter/herding trials)
+    writes_run_dir = not cfg.score.reuse_from or feature_cfg is not None
+    check_shared_storage(cfg, {"sweep.dir": str(sweep_dir), "score.reuse_from": cfg.score.reuse_from,
+                               "run_dir": cfg.run_dir if writes_run_dir else None})
+    sweep_dir.mkdir(parents=True, exist_ok=True)
     quiet_data_context()
     scores_dir = prepare_scores(cfg, listing)
     features_dir = prepare_sweep_features(cfg, feature_cfg, listing, scores_dir)
@@ -272,7 +289,8 @@ def run_sweep(cfg: D2CConfig) -> int:
         text = sweep_dir / "text_embeddings.safetensors"
         if not text.is_file():
             emb, mask = compute_text_embeddings(cfg.attach.text, listing.class_names)
-            save_text_embeddings(text, emb, mask, listing.class_names, cfg.attach.text)
+            with text.local_output() as staged:
+                save_text_embeddings(staged, emb, mask, listing.class_names, cfg.attach.text)
     ctx = {"base": cfg.to_dict(), "sweep_dir": str(sweep_dir), "scores_dir": str(scores_dir),
            "features_dir": None if features_dir is None else str(features_dir)}
     if cfg.sweep.search_alg == "grid":
@@ -284,25 +302,27 @@ def run_sweep(cfg: D2CConfig) -> int:
     trainable = tune.with_resources(lambda config: run_trial(config["params"], config["ctx"]), {"cpu": cfg.sweep.trial_cpus})
     scheduler = ASHAScheduler(grace_period=cfg.sweep.asha_grace_period, time_attr="steps") if cfg.sweep.asha else None
     path = sweep_dir / "tune"
+    storage_path, storage_fs = sweep_dir.for_ray()
+    tune_path = path.for_ray()[0]
     print(f"[d2c] sweep: {len(points) if cfg.sweep.search_alg == 'grid' else num_samples} trials over {sorted(cfg.sweep.grid)} "
           f"reusing {scores_dir} -> {sweep_dir}", flush=True)
     start = time.perf_counter()
-    if tune.Tuner.can_restore(str(path)):
+    if tune.Tuner.can_restore(tune_path, storage_filesystem=storage_fs):
         print(f"[d2c] sweep: resuming {path} (finished trials are kept)", flush=True)
-        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True, storage_filesystem=storage_fs)
     else:
         tuner = tune.Tuner(
             trainable,
             param_space=space,
             tune_config=tune.TuneConfig(metric="fid", mode="min", num_samples=num_samples, scheduler=scheduler,
                                         max_concurrent_trials=cfg.sweep.max_concurrent_trials),
-            run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir)),
+            run_config=tune.RunConfig(name="tune", storage_path=storage_path, storage_filesystem=storage_fs),
         )
     grid = tuner.fit()
     errors = [r.error for r in grid if r.error]
     table = results_table(grid, sweep_dir, sorted(cfg.sweep.grid))
-    table.to_csv(sweep_dir / RESULTS_CSV, index=False)
-    table.to_parquet(sweep_dir / RESULTS_PARQUET, index=False)
+    (sweep_dir / RESULTS_CSV).write_text(table.to_csv(index=False))
+    (sweep_dir / RESULTS_PARQUET).write_parquet(table)
     write_json_atomic(sweep_dir / "sweep.json", {"config": cfg.to_dict(), "scores_dir": str(scores_dir),
                                                  "features_dir": ctx["features_dir"],
                                                  "wall_time_s": time.perf_counter() - start, "trials": len(grid),

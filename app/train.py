@@ -10,6 +10,11 @@
 * Resume: a rerun with a larger ``train.steps`` continues from ``TRAIN/checkpoints``' latest
   step (model, EMA, optimizer, scaler, RNG states, data position); after a worker failure
   Ray Train restarts the workers from the last reported checkpoint.
+* Storage: ``train_dir`` and ``condensed`` may be local paths or ``s3://`` / ``gs://`` /
+  ``file://`` URIs (:mod:`d2c.storage`). Ray Train's own storage (``TRAIN/ray_storage``) goes
+  through the same pyarrow file system. On an object store a checkpoint is written locally
+  and uploaded (``model.json`` last), and ``metrics.jsonl`` — which cannot be appended to
+  there — is rewritten whole at every checkpoint and at most every ``METRICS_FLUSH_S`` seconds.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ from typing import Any, Optional
 import numpy as np
 
 from app.metrics import record
-from app.ray_session import init_ray, quiet_data_context
+from app.ray_session import check_shared_storage, init_ray, quiet_data_context
 from app.stages import add_image_key, decoded, image_keys, listing_table, table_blocks
 from d2c.config import ConfigError, D2CConfig, build_config, check_paths
+from d2c.storage import JsonlLog, Location, append_line, location
 
 #: Environment variable for fault-injection tests: the worker of rank 0 raises once at this step.
 FAIL_AT_STEP_ENV = "D2C_INJECT_FAILURE_AT_STEP"
@@ -37,10 +43,16 @@ EVENTS_FILE = "events.jsonl"
 RAY_CHECKPOINTS_KEPT = 2
 #: Rows kept in the local shuffle buffer of each worker's batch iterator, in batches.
 SHUFFLE_BATCHES = 4
+#: On an object store, metrics.jsonl is rewritten at least this often (seconds) besides every checkpoint.
+METRICS_FLUSH_S = 30.0
+#: Files of a condense attach output (app.condense): settings, and the completion marker written last.
+CONDENSED_SETTINGS_FILE = "_settings.json"
+CONDENSED_SUCCESS_FILE = "_SUCCESS"
 
 
-def train_dir_of(cfg: D2CConfig) -> Path:
-    return Path(cfg.train_dir) if cfg.train_dir else Path(cfg.run_dir) / "train"
+def train_dir_of(cfg: D2CConfig) -> Location:
+    """``train_dir``, default ``run_dir/train`` (a local path or a storage URI)."""
+    return location(cfg.train_dir) if cfg.train_dir else location(cfg.run_dir) / "train"
 
 
 # ------------------------------------------------------------------------------------
@@ -48,7 +60,7 @@ def train_dir_of(cfg: D2CConfig) -> Path:
 # ------------------------------------------------------------------------------------
 
 
-def _class_names(condensed: Path) -> Optional[list[str]]:
+def _class_names(condensed: Location) -> Optional[list[str]]:
     manifest = condensed.parent / "manifest.json"
     if manifest.is_file():
         return json.loads(manifest.read_text()).get("class_names")
@@ -64,7 +76,10 @@ def condensed_inputs(cfg: D2CConfig) -> dict[str, Any]:
 
     if not cfg.condensed:
         raise ConfigError("condensed is required: pass condensed=RUN/condensed (or data.full=true to train on the raw data)")
-    path = Path(cfg.condensed)
+    path = location(cfg.condensed)
+    if (path / CONDENSED_SETTINGS_FILE).is_file() and not (path / CONDENSED_SUCCESS_FILE).is_file():
+        raise ConfigError(f"condensed: {cfg.condensed!r} is incomplete (no {CONDENSED_SUCCESS_FILE}: `d2c condense` was "
+                          "interrupted while writing it); rerun `d2c condense` to finish it")
     try:
         shapes = condensed_shapes(path)
     except CondensedFormatError as err:
@@ -74,13 +89,15 @@ def condensed_inputs(cfg: D2CConfig) -> dict[str, Any]:
     if cfg.model.use_text:
         if not text_path.is_file():
             raise ConfigError(f"model.use_text is on but {text_path} is missing; rerun `d2c condense` or set model.use_text=false")
-        emb, mask, names, _ = load_text_embeddings(text_path)
+        with text_path.local_copy() as local_text:
+            emb, mask, names, _ = load_text_embeddings(local_text)
         text = (emb, mask)
         num_classes = emb.shape[0]
     else:
         names = _class_names(path)
         num_classes = len(names) if names else None
-    ds = ray.data.read_parquet(str(path))
+    read_path, read_fs = path.for_ray()
+    ds = ray.data.read_parquet(read_path, filesystem=read_fs)
     if num_classes is None:
         num_classes = int(ds.max("label")) + 1
     return {"dataset": ds, "shapes": shapes, "text": text, "num_classes": num_classes, "rows": ds.count()}
@@ -206,7 +223,7 @@ def train_loop_per_worker(config: dict) -> None:
     from ray.train import Checkpoint
 
     from d2c.models.build import build_model
-    from d2c.train.checkpoint import checkpoint_meta, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+    from d2c.train.checkpoint import checkpoint_meta, latest_checkpoint_at, load_checkpoint, prune_checkpoints_at, save_checkpoint_at
     from d2c.train.objective import D2CObjective
     from d2c.train.trainer import Trainer
 
@@ -223,7 +240,8 @@ def train_loop_per_worker(config: dict) -> None:
     if world > 1:
         model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": kwargs.get("proj_dim") is not None and objective.proj_coeff == 0})
     trainer = Trainer(model, objective, cfg.train, device=device, rank=rank)
-    ckpt_dir = Path(config["train_dir"]) / "checkpoints"
+    train_dir = location(config["train_dir"])
+    ckpt_dir = train_dir / "checkpoints"
     meta = checkpoint_meta(cfg.model.arch, kwargs, objective.describe(), cfg.to_dict())
     position = {"epoch": 0, "index": 0}
     restored = ray.train.get_checkpoint()
@@ -232,22 +250,21 @@ def train_loop_per_worker(config: dict) -> None:
         with restored.as_directory() as d:
             position = trainer.restore(load_checkpoint(d, map_location=device)) or position
             source = "Ray Train checkpoint (worker restart)"
-    elif latest_checkpoint(ckpt_dir) is not None:
-        path = latest_checkpoint(ckpt_dir)
-        position = trainer.restore(load_checkpoint(path, map_location=device)) or position
+    elif (path := latest_checkpoint_at(ckpt_dir)) is not None:
+        with path.local_copy() as local_ckpt:
+            position = trainer.restore(load_checkpoint(local_ckpt, map_location=device)) or position
         source = str(path)
     if rank == 0:
         event = {"event": "restore" if source else "start", "step": trainer.step, "source": source, "workers": world,
                  "torch_threads": torch.get_num_threads(), "time": time.time()}
-        with open(Path(config["train_dir"]) / EVENTS_FILE, "a") as f:
-            f.write(json.dumps(event) + "\n")
+        append_line(train_dir / EVENTS_FILE, event)
     fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "0") or 0)
-    marker = Path(config["train_dir"]) / ".injected_failure"
+    marker = train_dir / ".injected_failure"
     shard = ray.train.get_dataset_shard("train")
     per_worker = max(1, cfg.train.batch_size // world)
     shapes, text = config["shapes"], config["text"]
     use_visual = cfg.model.use_visual and not config["full"] and objective.proj_coeff > 0
-    log_path = Path(config["train_dir"]) / "metrics.jsonl"
+    log = JsonlLog(train_dir / "metrics.jsonl", flush_every_s=METRICS_FLUSH_S)
     epoch, skip = int(position.get("epoch", 0)), int(position.get("index", 0))
     t_last, imgs = time.perf_counter(), 0
     batches = ShardBatches(shard, per_worker, cfg.train.seed, rank, cfg.train.cache_in_memory)
@@ -272,17 +289,21 @@ def train_loop_per_worker(config: dict) -> None:
                 metrics.update(epoch=epoch, images_per_s=imgs / max(now - t_last, 1e-9), skipped_steps=trainer.skipped_steps)
                 t_last, imgs = now, 0
                 if rank == 0:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(metrics) + "\n")
+                    log.append(metrics)
                     record("train", "train_images_per_s", metrics["images_per_s"])
                     record("train", "train_loss", metrics["loss"])
-                checkpoint = None
+                checkpoint = staging = None
                 if do_ckpt and rank == 0:
                     state = dict(trainer.state_dict(), data={"epoch": epoch, "index": index})
-                    path = save_checkpoint(ckpt_dir, trainer.step, trainer.module, trainer.ema.model, state, meta)
-                    prune_checkpoints(ckpt_dir, keep=config["keep"])
-                    checkpoint = Checkpoint.from_directory(str(path))
+                    staging = None if ckpt_dir.is_local else tempfile.TemporaryDirectory(prefix="d2c-ckpt-")
+                    _, local_ckpt = save_checkpoint_at(ckpt_dir, trainer.step, trainer.module, trainer.ema.model, state, meta,
+                                                       staging=staging.name if staging else None)
+                    prune_checkpoints_at(ckpt_dir, keep=config["keep"])
+                    log.flush()
+                    checkpoint = Checkpoint.from_directory(str(local_ckpt))
                 ray.train.report({k: float(v) for k, v in metrics.items()}, checkpoint=checkpoint)
+                if staging is not None:  # report() has persisted the checkpoint: the staged copy may go
+                    staging.cleanup()
             if last:
                 break
         epoch, skip = epoch + 1, 0
@@ -301,16 +322,17 @@ def worker_resources(cfg: D2CConfig) -> dict[str, float]:
     return resources
 
 
-def fit(cfg: D2CConfig, train_dir: Path, full: bool) -> Path:
-    """Build the inputs and run the TorchTrainer; returns the latest checkpoint path."""
+def fit(cfg: D2CConfig, train_dir: str | Path | Location, full: bool) -> Optional[Location]:
+    """Build the inputs and run the TorchTrainer; returns the latest checkpoint's location."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from d2c.data.condensed import TENSOR_COLUMNS
     from d2c.models.build import dit_kwargs
-    from d2c.train.checkpoint import latest_checkpoint
+    from d2c.train.checkpoint import latest_checkpoint_at
     from d2c.train.trainer import ShapeMismatchError, check_shapes
 
+    train_dir = location(train_dir)
     inputs = full_inputs(cfg) if full else condensed_inputs(cfg)
     shapes, text = inputs["shapes"], inputs["text"]
     use_visual = cfg.model.use_visual and not full and "visual" in shapes
@@ -326,7 +348,7 @@ def fit(cfg: D2CConfig, train_dir: Path, full: bool) -> Path:
     except ShapeMismatchError as err:
         raise ConfigError(f"condensed set {cfg.condensed!r} does not fit the model: {err}") from None
     train_dir.mkdir(parents=True, exist_ok=True)
-    latest = latest_checkpoint(train_dir / "checkpoints")
+    latest = latest_checkpoint_at(train_dir / "checkpoints")
     if latest is not None:
         step = int(json.loads((latest / "model.json").read_text()).get("step", 0))
         if step >= cfg.train.steps:
@@ -347,9 +369,10 @@ def fit(cfg: D2CConfig, train_dir: Path, full: bool) -> Path:
         "shapes": shapes,
         "text": text,
         "full": full,
-        "train_dir": str(train_dir.resolve()),
+        "train_dir": str(train_dir.absolute()),
         "keep": max(2, RAY_CHECKPOINTS_KEPT),
     }
+    storage_path, storage_fs = (train_dir / "ray_storage").absolute().for_ray()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -357,7 +380,8 @@ def fit(cfg: D2CConfig, train_dir: Path, full: bool) -> Path:
                                      resources_per_worker=worker_resources(cfg)),
         run_config=RunConfig(
             name="ray",
-            storage_path=str((train_dir / "ray_storage").resolve()),
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=RAY_CHECKPOINTS_KEPT),
             worker_runtime_env={"env_vars": {FAIL_AT_STEP_ENV: os.environ[FAIL_AT_STEP_ENV]}} if os.environ.get(FAIL_AT_STEP_ENV) else None,
@@ -366,7 +390,7 @@ def fit(cfg: D2CConfig, train_dir: Path, full: bool) -> Path:
     )
     start = time.perf_counter()
     trainer.fit()
-    latest = latest_checkpoint(train_dir / "checkpoints")
+    latest = latest_checkpoint_at(train_dir / "checkpoints")
     print(f"[d2c] train: reached step {cfg.train.steps} in {time.perf_counter() - start:.1f} s; latest checkpoint {latest}", flush=True)
     return latest
 
@@ -377,9 +401,10 @@ def run_train(cfg: D2CConfig) -> int:
     if not cfg.data.full:
         if not cfg.condensed:
             raise ConfigError("condensed is required: pass condensed=RUN/condensed (or data.full=true to train on the raw data)")
-        if not Path(cfg.condensed).is_dir():
+        if not location(cfg.condensed).is_dir():
             raise ConfigError(f"condensed: {cfg.condensed!r} does not exist; run `d2c condense` first")
     init_ray(cfg)
+    check_shared_storage(cfg, {"train_dir": str(train_dir_of(cfg)), "condensed": None if cfg.data.full else cfg.condensed})
     quiet_data_context()
     fit(cfg, train_dir_of(cfg), full=cfg.data.full)
     return 0

@@ -364,6 +364,11 @@ class RayConfig(_Section):
     num_cpus: Optional[int] = Field(None, ge=1)
     #: Hash partitions for the per-class groupby (DESIGN.md: the default 200 is slow).
     groupby_partitions: Optional[int] = Field(None, ge=1)
+    #: On a cluster whose work spans several nodes, a node-local path as ``run_dir`` /
+    #: ``train_dir`` / ``sweep.dir`` (or as ``condensed`` / ``checkpoint`` / ``score.reuse_from``)
+    #: is refused before any work: every node would write or look for its own copy. true = the
+    #: path is shared in a way d2c cannot see (e.g. the same NFS export under another fs type).
+    allow_local_storage: bool = False
 
 
 # ------------------------------------------------------------------------------------

@@ -164,7 +164,7 @@ def test_features_equal_a_plain_computation_of_the_unflipped_image(kcenter_run):
 def test_rerun_reuses_resumes_and_refuses_other_feature_settings(kcenter_run, scorer_ckpt, capsys):
     run, cfg = kcenter_run
     r = RunDir(run)
-    shards = sorted(r.features.glob("shard-*.parquet"))
+    shards = sorted(r.features.local_path.glob("shard-*.parquet"))  # RunDir holds d2c.storage Locations
     assert len(shards) == 3  # 120 rows, score.shard_rows=40
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in shards}
     assert run_condense(cfg) == 0

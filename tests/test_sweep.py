@@ -39,7 +39,7 @@ def test_relative_reuse_from_reaches_trials_as_an_absolute_path(condensed_run, s
     monkeypatch.chdir(Path(run).parent)  # trials run in other working directories: they need absolute paths
     cfg = _sweep_cfg(Path(run).name, scorer_ckpt, tmp_path / "s")
     scores = prepare_scores(cfg, list_source(cfg.data))
-    assert scores.is_absolute() and scores == (Path(run) / "scores").absolute()
+    assert scores.local_path.is_absolute() and scores.local_path == (Path(run) / "scores").resolve()
 
 
 def test_two_by_two_sweep_end_to_end(condensed_run, scorer_ckpt, tmp_path, capsys):

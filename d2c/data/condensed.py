@@ -17,17 +17,22 @@ Tensors are stored as Arrow ``FixedSizeList`` columns of the flattened values; t
 per-row shapes are recorded in the schema metadata under ``d2c.shapes`` (JSON), so a
 shard is readable with plain pyarrow and no Ray. The text embeddings live beside the
 set in ``text_embeddings.safetensors`` (one per class, not per row).
+
+The readers take a local path or a storage URI (``s3://``, ``gs://``, ``file://``; see
+:mod:`d2c.storage`).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Mapping, Optional
+from typing import Iterable, Mapping, Optional, Union
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from d2c.storage import Location, location
 
 SHAPES_KEY = b"d2c.shapes"
 ID_COLUMNS = ("image_id", "label")
@@ -94,24 +99,35 @@ def from_arrow(table: pa.Table, columns: Optional[Iterable[str]] = None) -> dict
     return out
 
 
-def condensed_files(path: str | Path) -> list[Path]:
-    """The parquet shards of a condensed set, sorted."""
-    root = Path(path)
-    if not root.is_dir():
-        raise CondensedFormatError(f"condensed set {str(root)!r} does not exist or is not a directory")
-    files = sorted(root.glob("*.parquet"))
+def condensed_files(path: Union[str, Path, Location]) -> list:
+    """The parquet shards of a condensed set, sorted: Paths for a local set, Locations for a URI."""
+    loc = location(path)
+    if loc.is_local:
+        root = loc.local_path
+        if not root.is_dir():
+            raise CondensedFormatError(f"condensed set {str(root)!r} does not exist or is not a directory")
+        files = sorted(root.glob("*.parquet"))
+    else:
+        if not loc.is_dir():
+            raise CondensedFormatError(f"condensed set {str(loc)!r} does not exist or is not a directory")
+        files = loc.files(".parquet")
     if not files:
-        raise CondensedFormatError(f"condensed set {str(root)!r} holds no parquet shards")
+        raise CondensedFormatError(f"condensed set {str(loc)!r} holds no parquet shards")
     return files
 
 
-def read_condensed(path: str | Path, columns: Optional[Iterable[str]] = None) -> dict[str, np.ndarray]:
+def _read_table(file) -> pa.Table:
+    return file.read_table() if isinstance(file, Location) else pq.read_table(file)
+
+
+def read_condensed(path: Union[str, Path, Location], columns: Optional[Iterable[str]] = None) -> dict[str, np.ndarray]:
     """Read a whole condensed set (plain pyarrow), rows sorted by (label, image_id)."""
-    tables = [pq.read_table(f) for f in condensed_files(path)]
+    tables = [_read_table(f) for f in condensed_files(path)]
     table = pa.concat_tables(tables).sort_by([("label", "ascending"), ("image_id", "ascending")])
     return from_arrow(table, columns)
 
 
-def condensed_shapes(path: str | Path) -> dict[str, list[int]]:
+def condensed_shapes(path: Union[str, Path, Location]) -> dict[str, list[int]]:
     """Per-row tensor shapes of a condensed set, read from its first shard's schema."""
-    return shapes_of(pq.read_schema(condensed_files(path)[0]))
+    first = condensed_files(path)[0]
+    return shapes_of(first.read_schema() if isinstance(first, Location) else pq.read_schema(first))

@@ -18,6 +18,11 @@ A checkpoint is written into a hidden temporary directory beside its final place
 fsync'ed, then renamed into place: a crash mid-write leaves no ``step-*`` directory, only a
 ``.tmp-*`` one that :func:`latest_checkpoint` ignores (and :func:`prune_checkpoints` removes).
 One process (rank 0) writes to a given checkpoint directory.
+
+The ``*_at`` functions do the same on any :class:`d2c.storage.Location` — a local path or an
+object-store URI such as ``s3://bucket/train/checkpoints``. An object store has no rename, so
+there a checkpoint is written locally first and uploaded with ``model.json`` last; a
+``step-*`` prefix counts as a checkpoint only once all four files are present.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, TypeVar
 
 import numpy as np
 import torch
@@ -38,6 +43,7 @@ from torch import nn
 
 from d2c.models.build import build_model
 from d2c.models.dit import DiT
+from d2c.storage import Location, location
 
 CHECKPOINT_FORMAT = "d2c-checkpoint-v1"
 META_FILE = "model.json"
@@ -194,6 +200,10 @@ def save_checkpoint(
 # ----------------------------------------------------------------------------------------------
 
 
+#: A checkpoint's place: a local Path or a storage Location.
+_P = TypeVar("_P")
+
+
 def _is_complete(path: Path) -> bool:
     return all((path / f).is_file() for f in CHECKPOINT_FILES)
 
@@ -217,20 +227,30 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Optional[Path]:
     return found[-1][1] if found else None
 
 
+def _resolve(where: Any, has: Callable[[str], bool], newest: Callable[[], Optional[_P]]) -> Optional[_P]:
+    """The rule of :func:`resolve_checkpoint` / :func:`resolve_checkpoint_at`.
+
+    ``where`` holds ``has(name)`` files: None when it is a (complete) checkpoint itself, else
+    ``newest()``, the newest checkpoint inside it. Raises CheckpointError when it is an
+    incomplete checkpoint or holds none.
+    """
+    if has(META_FILE):
+        missing = [f for f in CHECKPOINT_FILES if not has(f)]
+        if missing:
+            raise CheckpointError(f"checkpoint {str(where)!r} is incomplete: missing {missing}")
+        return None
+    latest = newest()
+    if latest is None:
+        raise CheckpointError(
+            f"{str(where)!r} is neither a d2c checkpoint (no {META_FILE}) nor a directory holding step-* checkpoints"
+        )
+    return latest
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint directory itself, or the newest one inside a checkpoints directory."""
     p = Path(path)
-    if (p / META_FILE).is_file():
-        if not _is_complete(p):
-            missing = [f for f in CHECKPOINT_FILES if not (p / f).is_file()]
-            raise CheckpointError(f"checkpoint {str(p)!r} is incomplete: missing {missing}")
-        return p
-    latest = latest_checkpoint(p)
-    if latest is None:
-        raise CheckpointError(
-            f"{str(p)!r} is neither a d2c checkpoint (no {META_FILE}) nor a directory holding step-* checkpoints"
-        )
-    return latest
+    return _resolve(p, lambda name: (p / name).is_file(), lambda: latest_checkpoint(p)) or p
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
@@ -294,4 +314,102 @@ def prune_checkpoints(ckpt_dir: str | os.PathLike, keep: int) -> list[Path]:
         doomed += [c for c in root.iterdir() if c.is_dir() and c.name.startswith((TMP_PREFIX, OLD_PREFIX))]
     for p in doomed:
         shutil.rmtree(p)
+    return doomed
+
+
+# ----------------------------------------------------------------------------------------------
+# The same on any storage location (local path or object-store URI)
+# ----------------------------------------------------------------------------------------------
+
+
+def list_checkpoints_at(ckpt_dir: Location | str | os.PathLike) -> list[tuple[int, Location]]:
+    """Complete checkpoints under ``ckpt_dir`` as (step, location), oldest first (see :func:`list_checkpoints`)."""
+    root = location(ckpt_dir)
+    if root.is_local:
+        return [(step, root / p.name) for step, p in list_checkpoints(root.local_path)]
+    found = []
+    for child in root.iterdir():
+        m = STEP_DIR_RE.match(child.name)
+        if m and {f.name for f in child.files()} >= set(CHECKPOINT_FILES):
+            found.append((int(m.group(1)), child))
+    return sorted(found, key=lambda item: item[0])
+
+
+def latest_checkpoint_at(ckpt_dir: Location | str | os.PathLike) -> Optional[Location]:
+    """The newest complete checkpoint under ``ckpt_dir``, or None."""
+    found = list_checkpoints_at(ckpt_dir)
+    return found[-1][1] if found else None
+
+
+def resolve_checkpoint_at(path: Location | str | os.PathLike) -> Location:
+    """A checkpoint itself, or the newest one inside a checkpoints directory (see :func:`resolve_checkpoint`)."""
+    loc = location(path)
+    if loc.is_local:
+        resolved = resolve_checkpoint(loc.local_path)
+        return loc if resolved == loc.local_path else loc / resolved.name
+    present = {f.name for f in loc.files()}
+    return _resolve(loc, present.__contains__, lambda: latest_checkpoint_at(loc)) or loc
+
+
+def read_meta_at(path: Location | str | os.PathLike) -> dict[str, Any]:
+    """``model.json`` of a checkpoint at any location, its format checked."""
+    ckpt = resolve_checkpoint_at(path)
+    meta = json.loads((ckpt / META_FILE).read_text())
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{str(ckpt)!r} has format {meta.get('format')!r}; this d2c reads {CHECKPOINT_FORMAT!r}")
+    return meta
+
+
+def save_checkpoint_at(
+    ckpt_dir: Location | str | os.PathLike,
+    step: int,
+    model: nn.Module,
+    ema_model: nn.Module,
+    trainer_state: Mapping[str, Any],
+    meta: Mapping[str, Any],
+    staging: Optional[str | os.PathLike] = None,
+) -> tuple[Location, Path]:
+    """:func:`save_checkpoint` to any location.
+
+    Args:
+        staging: a local directory for the object-store case: the checkpoint is written there
+            (``staging/step-*``) and uploaded, ``model.json`` last. Unused for a local ``ckpt_dir``.
+    Returns:
+        (the checkpoint's location, a local directory holding the same files — the checkpoint
+        itself when local, else its staged copy, which the caller may delete).
+    """
+    root = location(ckpt_dir)
+    if root.is_local:
+        path = save_checkpoint(root.local_path, step, model, ema_model, trainer_state, meta)
+        return root / path.name, path
+    if staging is None:
+        raise ValueError(f"save_checkpoint_at({str(root)!r}): an object-store checkpoint needs a local staging directory")
+    local = save_checkpoint(staging, step, model, ema_model, trainer_state, meta)
+    target = root / local.name
+    if target.exists():
+        target.rmtree()  # an older write of the same step: never mix its files with these
+    for name in [f for f in CHECKPOINT_FILES if f != META_FILE] + [META_FILE]:
+        (target / name).upload_from(local / name)
+    return target, local
+
+
+def prune_checkpoints_at(ckpt_dir: Location | str | os.PathLike, keep: int) -> list[Location]:
+    """:func:`prune_checkpoints` at any location; on an object store also the incomplete ``step-*``
+    prefixes older than the newest complete checkpoint (left by an interrupted upload)."""
+    root = location(ckpt_dir)
+    if root.is_local:
+        return [root / p.name for p in prune_checkpoints(root.local_path, keep)]
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    found = list_checkpoints_at(root)
+    doomed = [loc for _, loc in found[:-keep]]
+    if found:
+        newest = found[-1][0]
+        complete = {loc.name for _, loc in found}
+        for child in root.iterdir():
+            m = STEP_DIR_RE.match(child.name)
+            if m and child.name not in complete and int(m.group(1)) < newest:
+                doomed.append(child)
+    for loc in doomed:
+        loc.rmtree()
     return doomed
