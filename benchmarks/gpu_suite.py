@@ -1655,6 +1655,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-timer", choices=sorted(CPU_CLOCKS), default=None,
                    help="CPU timing clock (default wall; --tiny: process CPU time, robust to a shared machine)")
     p.add_argument("--cpu-threads", type=int, default=None, help="torch intra-op threads on CPU (--tiny: 1)")
+    p.add_argument("--flops-projection", default=None, metavar="NAME:PEAK_TFLOPS:MFU,...",
+                   help="print GPU-hours projected from analytic FLOPs at these peaks and MFUs, measure nothing")
     return p
 
 
@@ -1760,8 +1762,40 @@ def run_suite(args: argparse.Namespace) -> tuple[dict[str, Any], list[Row]]:
     return suite_meta(ctx), rows
 
 
+def flops_projection(specs: str, num_timesteps: int) -> str:
+    """A markdown table of GPU-hours projected from analytic FLOPs, no measurement.
+
+    ``specs``: comma list of ``NAME:PEAK_TFLOPS:MFU`` (e.g. ``H100:989:0.3``). Scoring is
+    ``1.28M × num_timesteps`` forwards of the real-size scorer; training ``40k × 256`` images
+    at :data:`TRAIN_FLOPS_PER_FORWARD` forwards each of the real-size training model
+    (:func:`dit_forward_flops`). GPU-hours = FLOPs / (peak × MFU); wall hours on 8 GPUs assume
+    linear scaling.
+    """
+    sizes = real_sizes()
+    score = IMAGENET_TRAIN_IMAGES * num_timesteps * dit_forward_flops(sizes.scorer)
+    train = PROJECTED_STEPS * PROJECTED_GLOBAL_BATCH * TRAIN_FLOPS_PER_FORWARD * dit_forward_flops(sizes.train_model)
+    lines = [f"Projected, not measured: {sizes.scorer_name} scoring {IMAGENET_TRAIN_IMAGES:,} images × T={num_timesteps} "
+             f"({score / 1e15:,.0f} PFLOP), {sizes.train_name} training {PROJECTED_STEPS:,} steps × batch "
+             f"{PROJECTED_GLOBAL_BATCH} ({train / 1e15:,.0f} PFLOP); GPU-hours = FLOPs / (peak × MFU).", "",
+             "| GPU | peak TFLOPS | MFU | scoring GPU-h | training GPU-h | wall h on 8 GPUs |", "|---|---|---|---|---|---|"]
+    for spec in specs.split(","):
+        try:
+            name, peak, mfu = spec.split(":")
+            rate = float(peak) * 1e12 * float(mfu)
+        except ValueError:
+            raise SystemExit(f"--flops-projection {spec!r}: give NAME:PEAK_TFLOPS:MFU, e.g. H100:989:0.3") from None
+        hours = [f / rate / SECONDS_PER_HOUR for f in (score, train)]
+        lines.append(f"| {name} | {float(peak):g} | {float(mfu):g} | {hours[0]:.1f} | {hours[1]:.1f} | {sum(hours) / 8:.2f} |")
+    lines.append(f"| paper (Table 6), {PAPER_GPUS}× {PAPER_GPU} | | | {PAPER_SCORE_HOURS * PAPER_GPUS:.1f} | "
+                 f"{PAPER_TRAIN_HOURS * PAPER_GPUS:.1f} | {PAPER_SCORE_HOURS + PAPER_TRAIN_HOURS:.1f} (measured) |")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = resolve_args(argv)
+    if args.flops_projection:
+        print(flops_projection(args.flops_projection, args.num_timesteps), flush=True)
+        return 0
     meta, rows = run_suite(args)
     print(write_outputs(args.out, meta, rows), flush=True)
     return 0

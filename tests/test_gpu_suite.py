@@ -142,6 +142,23 @@ def test_xl2_and_l2_counts_match_method_md():
     assert sizes.train_model["proj_dim"] == 768 and sizes.train_model["text_dim"] == 2048
 
 
+def test_flops_projection_is_flops_over_peak_times_mfu():
+    """The projected GPU-hours equal the counted FLOPs over peak × MFU, written out independently."""
+    sizes = gs.real_sizes()
+    score_flops = 1_281_167 * 8 * gs.dit_forward_flops(sizes.scorer)
+    train_flops = 40_000 * 256 * 3 * gs.dit_forward_flops(sizes.train_model)
+    rate = 989e12 * 0.3
+    table = gs.flops_projection("H100:989:0.3", num_timesteps=8)
+    row = next(line for line in table.splitlines() if line.startswith("| H100 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert float(cells[3]) == pytest.approx(score_flops / rate / 3600, abs=0.05)
+    assert float(cells[4]) == pytest.approx(train_flops / rate / 3600, abs=0.05)
+    assert float(cells[5]) == pytest.approx((score_flops + train_flops) / rate / 3600 / 8, abs=0.005)
+    assert "Projected, not measured" in table and "paper (Table 6)" in table
+    with pytest.raises(SystemExit, match="NAME:PEAK_TFLOPS:MFU"):
+        gs.flops_projection("H100-989", num_timesteps=8)
+
+
 def test_fused_adaln_forward_is_the_dit_forward():
     kw = tiny_model_kwargs()
     net = gs.build_dit(kw, torch.device("cpu")).train()
