@@ -52,17 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve(command: str) -> Callable[..., int]:
+    """The function behind ``command``, imported on demand (``d2c config`` starts neither torch nor Ray)."""
     module_name, func_name, _ = COMMANDS[command]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name != module_name:
-            raise
-        raise NotImplementedError(
-            f"`d2c {command}` is not implemented yet (module {module_name} does not exist); "
-            "see the project's open issues"
-        ) from None
-    return getattr(module, func_name)
+    return getattr(importlib.import_module(module_name), func_name)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -89,9 +81,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ConfigError, StorageError) as err:
         print(f"d2c {args.command}: {err}", file=sys.stderr)
         return 2
-    except NotImplementedError as err:
-        print(f"d2c {args.command}: {err}", file=sys.stderr)
-        return 3
     except KeyboardInterrupt:
         print(f"\nd2c {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
