@@ -46,7 +46,6 @@ from d2c.config import FEATURE_SELECT_KEYS, ConfigError, D2CConfig, DataConfig, 
 from d2c.data.condensed import to_arrow
 from d2c.data.source import Listing, list_source
 from d2c.select.baselines import make_chooser
-from d2c.select.features import FEATURE_POOLING
 from d2c.select.interval import SELECTION_COLUMNS, ClassSelection, SelectionError, per_class_budget, select_class
 from d2c.storage import Location, location
 
@@ -116,6 +115,8 @@ def score_settings(cfg: D2CConfig, listing: Listing, scorer: str) -> dict[str, A
 
 def feature_settings(cfg: D2CConfig, listing: Listing) -> dict[str, Any]:
     """Everything a pooled visual feature depends on (not the scorer: features never read scores)."""
+    from d2c.select.features import FEATURE_POOLING  # imports torch: not at module level (Ray Data tasks load this module)
+
     v = cfg.attach.vision
     return {
         **listing_settings(cfg, listing),
@@ -731,7 +732,7 @@ def run_condense(cfg: D2CConfig) -> int:
     print(f"[d2c] condense: {len(listing.rows)} images in {listing.num_classes} classes -> {run.root}", flush=True)
     for note in listing.notes:
         print(f"[d2c] note: {note}", flush=True)
-    quiet_data_context()
+    quiet_data_context(cfg=cfg)
     timings: dict[str, float] = {}
     try:
         if cfg.score.reuse_from:

@@ -111,7 +111,7 @@ def run_demo(
     print(f"[d2c] demo: {'quick' if quick else 'full'} run of the embedded default into {out_dir} "
           f"(data {cfg.data.source}, budget {cfg.select.budget}, k={cfg.select.k}, {cfg.train.steps} training steps)", flush=True)
     init_ray(cfg)
-    quiet_data_context()
+    quiet_data_context(cfg=cfg)
     clock = StageClock()
     scorer = cfg.score.scorer or str(clock.run("scorer (train from scratch, cached)", lambda: ensure_embedded_scorer(cfg)))
     cfgs = {v: variant_config(cfg, out_dir, v, scorer) for v in VARIANTS}

@@ -735,7 +735,7 @@ def run_evaluate(cfg: D2CConfig) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"[d2c] evaluate: {ckpt} ({meta['arch']}, step {meta.get('step')}, EMA) — {cfg.eval.num_samples} samples, "
           f"{cfg.eval.sampler} {cfg.eval.steps} steps, CFG {cfg.eval.cfg_scale} -> {out_dir}", flush=True)
-    quiet_data_context()
+    quiet_data_context(cfg=cfg)
     t0 = time.perf_counter()
     ref = reference_statistics(cfg, num_classes, ext_id)
     t_ref = time.perf_counter() - t0

@@ -3,6 +3,7 @@
 * Usage stats are off (``RAY_USAGE_STATS_ENABLED=0``) before Ray is imported anywhere.
 * A local Ray binds its dashboard to 127.0.0.1 (Ray has no other access control).
 * Inside ``ray job submit`` (``RAY_ADDRESS`` set) we join that cluster.
+* A local Ray runs Ray Train without its preemption watcher (:data:`LOCAL_TRAIN_ENV`).
 * :func:`check_shared_storage`: on a cluster whose work spans nodes, a node-local storage path
   is refused before any work (the decision itself is :func:`d2c.storage.local_storage_refusal`).
 """
@@ -22,6 +23,15 @@ from d2c.storage import local_storage_refusal, read_mounts, spans_nodes  # noqa:
 
 #: Where a local Ray serves its dashboard.
 LOCAL_DASHBOARD_HOST = "127.0.0.1"
+#: Ray Train settings for a Ray that d2c starts on this machine (the controller reads them from
+#: the driver's environment; a value the user exported wins). No cloud node of a local Ray can
+#: be preempted, so the preemption watcher — one more worker process per run — has nothing to
+#: watch; and the controller notices a finished run after at most this poll interval (Ray's
+#: default is 2 s) — the quick demo runs Ray Train three times.
+LOCAL_TRAIN_ENV = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+}
 
 log = logging.getLogger("d2c")
 
@@ -34,6 +44,8 @@ def init_ray(cfg: Optional[D2CConfig] = None, include_dashboard: Optional[bool] 
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
         return
+    for key, value in LOCAL_TRAIN_ENV.items():
+        os.environ.setdefault(key, value)
     num_cpus = cfg.ray.num_cpus if cfg is not None else None
     ctx = ray.init(
         num_cpus=num_cpus,
@@ -46,9 +58,16 @@ def init_ray(cfg: Optional[D2CConfig] = None, include_dashboard: Optional[bool] 
     os.environ.setdefault("RAY_ADDRESS", ctx.address_info["gcs_address"])
 
 
-def quiet_data_context(progress: bool = True) -> None:
-    """Ray Data settings for our pipelines: progress bars on, verbose logs off."""
+def quiet_data_context(progress: bool = True, cfg: Optional[D2CConfig] = None) -> None:
+    """Ray Data settings for our pipelines: progress bars on, verbose logs off, and the Parquet
+    reader ``cfg.data.parquet_reader`` (the config default when ``cfg`` is None).
+
+    Every dataset captures the process's context when it is created, so this runs in each
+    process that builds datasets (a stage's driver, a Tune trial) before its first read.
+    """
     ctx = ray.data.DataContext.get_current()
+    reader = (cfg or D2CConfig()).data.parquet_reader
+    ctx.use_datasource_v2 = reader == "v2"
     ctx.enable_progress_bars = progress
     ctx.enable_operator_progress_bars = progress
     ctx.print_on_execution_start = False

@@ -149,6 +149,7 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
 
     start = time.perf_counter()
     cfg = build_config(apply_overrides(ctx["base"], trial_overrides(params)))
+    quiet_data_context(cfg=cfg)  # this trial's own process builds datasets
     sweep_dir = location(ctx["sweep_dir"])
     tdir = sweep_dir / "trials" / trial_name(params)
     condense = tdir / "condense"
@@ -280,7 +281,7 @@ def run_sweep(cfg: D2CConfig) -> int:
     check_shared_storage(cfg, {"sweep.dir": str(sweep_dir), "score.reuse_from": cfg.score.reuse_from,
                                "run_dir": cfg.run_dir if writes_run_dir else None})
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    quiet_data_context()
+    quiet_data_context(cfg=cfg)
     scores_dir = prepare_scores(cfg, listing)
     features_dir = prepare_sweep_features(cfg, feature_cfg, listing, scores_dir)
     if cfg.attach.text.encoder != "none" and cfg.model.use_text:

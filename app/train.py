@@ -356,10 +356,13 @@ def fit(cfg: D2CConfig, train_dir: str | Path | Location, full: bool) -> Optiona
             return latest
         print(f"[d2c] train: resuming at step {step} from {latest}", flush=True)
     ds = inputs["dataset"]
-    if "key" not in ds.schema().names:
+    # the read's schema comes from the files' metadata; after a map it would take an execution
+    names = set(ds.schema().names)
+    if "key" not in names:
         ds = ds.map_batches(add_image_key, batch_format="pyarrow")
+        names.add("key")
     keep_cols = ["key", "label", "latent"] + [c for c in TENSOR_COLUMNS if c in shapes and c != "latent"]
-    ds = ds.select_columns([c for c in keep_cols if c in ds.schema().names])
+    ds = ds.select_columns([c for c in keep_cols if c in names])
     print(f"[d2c] train: {inputs['rows']} rows, {inputs['num_classes']} classes, model {cfg.model.arch} "
           f"{kwargs['hidden_size']}x{kwargs['depth']} (text {'on' if kwargs.get('text_dim') else 'off'}, "
           f"REPA {'on' if kwargs.get('proj_dim') else 'off'}) -> {train_dir}", flush=True)
@@ -405,7 +408,7 @@ def run_train(cfg: D2CConfig) -> int:
             raise ConfigError(f"condensed: {cfg.condensed!r} does not exist; run `d2c condense` first")
     init_ray(cfg)
     check_shared_storage(cfg, {"train_dir": str(train_dir_of(cfg)), "condensed": None if cfg.data.full else cfg.condensed})
-    quiet_data_context()
+    quiet_data_context(cfg=cfg)
     fit(cfg, train_dir_of(cfg), full=cfg.data.full)
     return 0
 
@@ -458,7 +461,7 @@ def ensure_embedded_scorer(cfg: D2CConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "settings.json").write_text(json.dumps(settings, indent=2, default=str))
     init_ray(cfg)
-    quiet_data_context()
+    quiet_data_context(cfg=cfg)
     fit(scorer_config(cfg, out), out, full=True)
     done.write_text("")
     return out / "checkpoints"

@@ -63,6 +63,12 @@ class DataConfig(_Section):
     full: bool = False
     #: CPUs reserved per decode task (decoding is light for small images; raise it for JPEGs).
     decode_num_cpus: float = Field(0.25, gt=0)
+    #: Ray Data's Parquet reader for every table d2c reads back (scores, features, condensed
+    #: sets). "v1": planned from the files' metadata by the reading process. "v2" (Ray 2.60's
+    #: default): lists files through a pool of footer-reading actors (32 unless
+    #: RAY_DATA_PARQUET_FOOTER_NUM_ACTORS says otherwise), one new worker process each, on
+    #: every read; on a 2-core machine that made a 1-file read 3-6x slower (BENCHMARKS.md).
+    parquet_reader: Literal["v1", "v2"] = "v1"
 
 
 class AutoencoderConfig(_Section):

@@ -21,6 +21,10 @@ def ray_session():
     """One local Ray for the whole test session (ray.init costs seconds)."""
     import ray
 
+    from app.ray_session import LOCAL_TRAIN_ENV
+
+    for key, value in LOCAL_TRAIN_ENV.items():  # as init_ray sets them for a local Ray
+        os.environ.setdefault(key, value)
     if not ray.is_initialized():
         ray.init(num_cpus=TEST_RAY_CPUS, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
         ctx = ray.data.DataContext.get_current()

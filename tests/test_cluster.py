@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import secrets
 import shlex
@@ -299,6 +300,33 @@ def test_start_local_head_script_help_and_refusals():
 # ------------------------------------------------------------------------------------
 # app/metrics.py
 # ------------------------------------------------------------------------------------
+
+
+def test_init_ray_local_defaults_and_joining(monkeypatch):
+    """A local Ray: dashboard on 127.0.0.1, Ray Train's local settings unless the user set them;
+    with an address: join it and leave the environment alone."""
+    import ray
+
+    from app import ray_session
+    from d2c.config import load_config
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw) or type("Ctx", (), {"address_info": {"gcs_address": "127.0.0.1:1"}})())
+    for key in ray_session.LOCAL_TRAIN_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")  # the user's own value wins
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ray_session.init_ray(load_config(None, ["ray.num_cpus=3"]))
+    assert calls[-1]["dashboard_host"] == "127.0.0.1" and calls[-1]["num_cpus"] == 3
+    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3"
+    assert os.environ["RAY_ADDRESS"] == "127.0.0.1:1"
+
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
+    ray_session.init_ray(load_config(None, ["ray.address=10.0.0.1:6379"]))
+    assert calls[-1] == {"address": "10.0.0.1:6379", "logging_level": logging.WARNING}
+    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ  # a cluster keeps Ray's defaults
 
 
 def test_metrics_reject_bad_input():

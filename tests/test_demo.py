@@ -33,7 +33,9 @@ def test_quick_demo_end_to_end_and_rerun(ray_session, tmp_path, monkeypatch, cap
         assert samples.shape == (num_samples, 32, 32, 3) and samples.dtype == np.uint8
     d2c_sel = json.loads((out / "d2c" / "condense" / "manifest.json").read_text())
     rnd_sel = json.loads((out / "random" / "condense" / "manifest.json").read_text())
-    assert d2c_sel["rows"]["selected"] == rnd_sel["rows"]["selected"] == 100
+    budget = load_config(summary["config_path"]).demo.quick["select.budget"]
+    assert summary["config"]["select"]["budget"] == budget
+    assert d2c_sel["rows"]["selected"] == rnd_sel["rows"]["selected"] == budget
     assert rnd_sel["scores_dir"].endswith("d2c/condense/scores")  # scored once, reused by the baseline
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 6

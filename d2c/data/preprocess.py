@@ -7,10 +7,9 @@ decoded and preprocessed record (or a :class:`~d2c.data.records.Reject`) out.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from d2c.data.decode import DEFAULT_MAX_PIXELS, convert_channels, decode_image
@@ -25,6 +24,9 @@ from d2c.data.records import (
     ImageDecodeError,
     Reject,
 )
+
+if TYPE_CHECKING:  # torch is imported where it is used: Ray Data's decode tasks never need it
+    import torch
 
 _UINT8_MAX = 255
 _HALF_UINT8 = _UINT8_MAX / 2.0  # 127.5: uint8 [0, 255] ↔ [-1, 1]
@@ -130,6 +132,8 @@ def preprocess_image(img: np.ndarray, image_size: int, method: str) -> np.ndarra
 
 def to_model_tensor(batch: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 ``[N, H, W, C]`` → float32 ``[N, C, H, W]`` in [-1, 1] (``x / 127.5 - 1``)."""
+    import torch
+
     t = torch.from_numpy(np.ascontiguousarray(batch)) if isinstance(batch, np.ndarray) else batch
     if t.dtype != torch.uint8 or t.ndim != 4:
         raise ValueError(f"expected uint8 [N, H, W, C], got {t.dtype} {tuple(t.shape)}")
@@ -141,6 +145,8 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
     The exact inverse of :func:`to_model_tensor`; values outside [-1, 1] saturate.
     """
+    import torch
+
     if x.ndim != 4 or not x.is_floating_point():
         raise ValueError(f"expected float [N, C, H, W], got {x.dtype} {tuple(x.shape)}")
     y = ((x.detach().to(torch.float32) + 1.0) * _HALF_UINT8).round().clamp(0, _UINT8_MAX)
