@@ -67,7 +67,8 @@ class DataConfig(_Section):
     #: sets). "v1": planned from the files' metadata by the reading process. "v2" (Ray 2.60's
     #: default): lists files through a pool of footer-reading actors (32 unless
     #: RAY_DATA_PARQUET_FOOTER_NUM_ACTORS says otherwise), one new worker process each, on
-    #: every read; on a 2-core machine that made a 1-file read 3-6x slower (BENCHMARKS.md).
+    #: every read; on a 2-core machine that made a 2-file read 3.3x (cold) to 10.5x (warm) slower
+    #: (benchmarks/parquet_read.py, BENCHMARKS.md).
     parquet_reader: Literal["v1", "v2"] = "v1"
 
 

@@ -313,10 +313,10 @@ def test_init_ray_local_defaults_and_joining(monkeypatch):
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw) or type("Ctx", (), {"address_info": {"gcs_address": "127.0.0.1:1"}})())
-    for key in ray_session.LOCAL_TRAIN_ENV:
-        monkeypatch.delenv(key, raising=False)
+    for key in [*ray_session.LOCAL_TRAIN_ENV, "RAY_ADDRESS"]:
+        monkeypatch.setenv(key, "")  # records the variable, so that undo removes what init_ray sets
+        monkeypatch.delenv(key)
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")  # the user's own value wins
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     ray_session.init_ray(load_config(None, ["ray.num_cpus=3"]))
     assert calls[-1]["dashboard_host"] == "127.0.0.1" and calls[-1]["num_cpus"] == 3
     assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
@@ -327,6 +327,34 @@ def test_init_ray_local_defaults_and_joining(monkeypatch):
     ray_session.init_ray(load_config(None, ["ray.address=10.0.0.1:6379"]))
     assert calls[-1] == {"address": "10.0.0.1:6379", "logging_level": logging.WARNING}
     assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ  # a cluster keeps Ray's defaults
+
+
+def test_data_context_parquet_reader_follows_config(ray_session, tmp_path):
+    """``data.parquet_reader`` picks Ray Data's reader; both read the same rows back."""
+    import pandas as pd
+
+    from app.ray_session import quiet_data_context
+    from d2c.config import load_config
+
+    ctx = ray_session.data.DataContext.get_current()
+    saved = ctx.use_datasource_v2
+    path = tmp_path / "t.parquet"
+    pd.DataFrame({"label": [3, 1, 2], "score": [0.5, 0.25, 0.125]}).to_parquet(path)
+    try:
+        got = {}
+        for reader in ("v2", "v1"):
+            quiet_data_context(progress=False, cfg=load_config(None, [f"data.parquet_reader={reader}"]))
+            assert ray_session.data.DataContext.get_current().use_datasource_v2 is (reader == "v2")
+            got[reader] = ray_session.data.read_parquet(str(path)).to_pandas().sort_values("label").reset_index(drop=True)
+        pd.testing.assert_frame_equal(got["v1"], got["v2"])
+        assert got["v1"]["label"].tolist() == [1, 2, 3]
+        quiet_data_context(progress=False)
+        assert ctx.use_datasource_v2 is False  # the config default
+        with pytest.raises(Exception, match="parquet_reader"):
+            load_config(None, ["data.parquet_reader=v3"])
+    finally:
+        ctx.use_datasource_v2 = saved
+        ctx.enable_progress_bars = ctx.enable_operator_progress_bars = False
 
 
 def test_metrics_reject_bad_input():
