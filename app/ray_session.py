@@ -18,7 +18,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import ray  # noqa: E402
 
-from d2c.config import ConfigError, D2CConfig  # noqa: E402
+from d2c.config import ConfigError, D2CConfig, DataConfig  # noqa: E402
 from d2c.storage import local_storage_refusal, read_mounts, spans_nodes  # noqa: E402
 
 #: Where a local Ray serves its dashboard.
@@ -66,7 +66,7 @@ def quiet_data_context(progress: bool = True, cfg: Optional[D2CConfig] = None) -
     process that builds datasets (a stage's driver, a Tune trial) before its first read.
     """
     ctx = ray.data.DataContext.get_current()
-    reader = (cfg or D2CConfig()).data.parquet_reader
+    reader = cfg.data.parquet_reader if cfg is not None else DataConfig.model_fields["parquet_reader"].default
     ctx.use_datasource_v2 = reader == "v2"
     ctx.enable_progress_bars = progress
     ctx.enable_operator_progress_bars = progress
