@@ -48,6 +48,10 @@ from d2c.storage import Location, location
 RESULTS_CSV = "results.csv"
 RESULTS_PARQUET = "results.parquet"
 FID_PLOT = "fid_vs_k.png"
+# What every trial shares (base config, scores/features/sweep locations), written once per sweep.
+# It reaches trials through ``tune.with_parameters``, not the search space, so Tune's console
+# reports and each trial's params.json hold only the swept values.
+SWEEP_CONTEXT = "sweep_context.json"
 #: Columns of the results table besides one column per swept key.
 RESULT_COLUMNS = ["k", "budget", "method", "steps", "fid", "kid", "wall_time_s", "trial_dir"]
 
@@ -239,15 +243,40 @@ def prepare_sweep_features(cfg: D2CConfig, feature_cfg: Optional[D2CConfig], lis
     return features_dir.absolute()
 
 
-def results_table(grid, sweep_dir: Location, keys: list[str]) -> pd.DataFrame:
-    """Every FID report of every trial: one row per (trial, steps)."""
+def trial_entry(config: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """Tune's trainable (wrapped by ``tune.with_parameters``): ``config`` is ``{"params": {key: value}}``."""
+    run_trial(config["params"], ctx)
+
+
+def sweep_context(cfg: D2CConfig, sweep_dir: Location, scores_dir: Location,
+                  features_dir: Optional[Location], resuming: bool) -> dict[str, Any]:
+    """The context shared by all trials: stored in ``sweep_dir/SWEEP_CONTEXT`` on the first run.
+
+    A resumed sweep uses the stored context, so its remaining trials run with the settings the
+    finished ones had; it says so when this run's settings differ.
+    """
+    ctx = {"base": cfg.to_dict(), "sweep_dir": str(sweep_dir), "scores_dir": str(scores_dir),
+           "features_dir": None if features_dir is None else str(features_dir)}
+    stored = sweep_dir / SWEEP_CONTEXT
+    if resuming and stored.is_file():
+        kept = stored.read_json()
+        if kept != json.loads(json.dumps(ctx)):
+            print(f"[d2c] sweep: this run's settings differ from the interrupted sweep's; its remaining trials "
+                  f"keep the stored ones ({stored}). Use a new sweep.dir to sweep other settings.", flush=True)
+        return kept
+    write_json_atomic(stored, ctx)
+    return ctx
+
+
+def results_table(grid, sweep_dir: Location, keys: list[str], base: dict[str, Any]) -> pd.DataFrame:
+    """Every FID report of every trial: one row per (trial, steps); ``base`` is the sweep context's config."""
     rows = []
     for result in grid:
         df = result.metrics_dataframe
         if df is None or not len(df):
             continue
         params = result.config["params"]
-        cfg = build_config(apply_overrides(result.config["ctx"]["base"], trial_overrides(params)))
+        cfg = build_config(apply_overrides(base, trial_overrides(params)))
         for _, r in df.iterrows():
             row = {k: params.get(k) for k in keys}
             row.update(k=cfg.select.k, budget=cfg.select.budget, method=cfg.select.method, steps=int(r["steps"]),
@@ -292,23 +321,23 @@ def run_sweep(cfg: D2CConfig) -> int:
             emb, mask = compute_text_embeddings(cfg.attach.text, listing.class_names)
             with text.local_output() as staged:
                 save_text_embeddings(staged, emb, mask, listing.class_names, cfg.attach.text)
-    ctx = {"base": cfg.to_dict(), "sweep_dir": str(sweep_dir), "scores_dir": str(scores_dir),
-           "features_dir": None if features_dir is None else str(features_dir)}
-    if cfg.sweep.search_alg == "grid":
-        space = {"params": tune.grid_search(points), "ctx": ctx}
-        num_samples = 1
-    else:
-        space = {"params": {k: tune.choice(v) for k, v in cfg.sweep.grid.items()}, "ctx": ctx}
-        num_samples = cfg.sweep.num_samples
-    trainable = tune.with_resources(lambda config: run_trial(config["params"], config["ctx"]), {"cpu": cfg.sweep.trial_cpus})
-    scheduler = ASHAScheduler(grace_period=cfg.sweep.asha_grace_period, time_attr="steps") if cfg.sweep.asha else None
     path = sweep_dir / "tune"
     storage_path, storage_fs = sweep_dir.for_ray()
     tune_path = path.for_ray()[0]
+    resuming = tune.Tuner.can_restore(tune_path, storage_filesystem=storage_fs)
+    ctx = sweep_context(cfg, sweep_dir, scores_dir, features_dir, resuming)
+    if cfg.sweep.search_alg == "grid":
+        space = {"params": tune.grid_search(points)}
+        num_samples = 1
+    else:
+        space = {"params": {k: tune.choice(v) for k, v in cfg.sweep.grid.items()}}
+        num_samples = cfg.sweep.num_samples
+    trainable = tune.with_resources(tune.with_parameters(trial_entry, ctx=ctx), {"cpu": cfg.sweep.trial_cpus})
+    scheduler = ASHAScheduler(grace_period=cfg.sweep.asha_grace_period, time_attr="steps") if cfg.sweep.asha else None
     print(f"[d2c] sweep: {len(points) if cfg.sweep.search_alg == 'grid' else num_samples} trials over {sorted(cfg.sweep.grid)} "
           f"reusing {scores_dir} -> {sweep_dir}", flush=True)
     start = time.perf_counter()
-    if tune.Tuner.can_restore(tune_path, storage_filesystem=storage_fs):
+    if resuming:
         print(f"[d2c] sweep: resuming {path} (finished trials are kept)", flush=True)
         tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True, storage_filesystem=storage_fs)
     else:
@@ -321,7 +350,7 @@ def run_sweep(cfg: D2CConfig) -> int:
         )
     grid = tuner.fit()
     errors = [r.error for r in grid if r.error]
-    table = results_table(grid, sweep_dir, sorted(cfg.sweep.grid))
+    table = results_table(grid, sweep_dir, sorted(cfg.sweep.grid), ctx["base"])
     (sweep_dir / RESULTS_CSV).write_text(table.to_csv(index=False))
     (sweep_dir / RESULTS_PARQUET).write_parquet(table)
     write_json_atomic(sweep_dir / "sweep.json", {"config": cfg.to_dict(), "scores_dir": str(scores_dir),

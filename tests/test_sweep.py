@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from app.sweep import FID_PLOT, RESULTS_CSV, grid_points, prepare_scores, run_sweep, trial_name
+from app.sweep import FID_PLOT, RESULTS_CSV, SWEEP_CONTEXT, grid_points, prepare_scores, run_sweep, trial_name
 from conftest import tiny_cfg
 from d2c.config import ConfigError
 from d2c.data.source import list_source
@@ -63,10 +63,20 @@ def test_two_by_two_sweep_end_to_end(condensed_run, scorer_ckpt, tmp_path, capsy
     # overlapping subsets were encoded once: the cache holds each selected image once per encoding pass
     info = json.loads((sweep_dir / "sweep.json").read_text())
     assert info["trials"] == 4 and info["errors"] == []
+    # the shared context reaches trials outside the search space: Tune's records hold only the swept values
+    params_files = sorted((sweep_dir / "tune").glob("*/params.json"))
+    assert len(params_files) == 4
+    assert all(json.loads(f.read_text()).keys() == {"params"} for f in params_files)
+    assert json.loads((sweep_dir / SWEEP_CONTEXT).read_text())["base"]["train"]["steps"] == 2
     # rerun: Tune restores the finished experiment and nothing is trained again
     assert run_sweep(cfg) == 0
-    assert "resuming" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "resuming" in out and "settings differ" not in out
     assert len(pd.read_csv(sweep_dir / RESULTS_CSV)) == 4
+    # a rerun with other settings keeps the stored ones, and says so
+    assert run_sweep(_sweep_cfg(run, scorer_ckpt, sweep_dir, "train.lr=0.5")) == 0
+    assert "settings differ from the interrupted sweep's" in capsys.readouterr().out
+    assert json.loads((sweep_dir / SWEEP_CONTEXT).read_text())["base"]["train"]["lr"] == cfg.train.lr
 
 
 def test_feature_baselines_sweep_encodes_once(condensed_run, scorer_ckpt, tmp_path, capsys):
