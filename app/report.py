@@ -498,7 +498,7 @@ def load_sweep(path: Path) -> SweepRun:
         if absent:
             run.missing.append(f"{f}: lacks column(s) {', '.join(absent)}")
             continue
-        for c in ("k", "budget", "fid", "kid", "steps", "wall_time_s"):
+        for c in ("k", "k_used", "budget", "fid", "kid", "steps", "wall_time_s"):
             if c in df:
                 df[c] = pd.to_numeric(df[c], errors="coerce")
         run.results, run.source = df, f

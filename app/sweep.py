@@ -53,7 +53,7 @@ FID_PLOT = "fid_vs_k.png"
 # reports and each trial's params.json hold only the swept values.
 SWEEP_CONTEXT = "sweep_context.json"
 #: Columns of the results table besides one column per swept key.
-RESULT_COLUMNS = ["k", "budget", "method", "steps", "fid", "kid", "wall_time_s", "trial_dir"]
+RESULT_COLUMNS = ["k", "k_used", "budget", "method", "steps", "fid", "kid", "wall_time_s", "trial_dir"]
 
 
 def sweep_dir_of(cfg: D2CConfig) -> Location:
@@ -268,6 +268,15 @@ def sweep_context(cfg: D2CConfig, sweep_dir: Location, scores_dir: Location,
     return ctx
 
 
+def interval_used(per_class: list[dict[str, Any]]) -> Optional[int]:
+    """The interval a selection applied: the largest ``k_used`` of its classes (``per_class`` as in a
+    condense manifest). Equal to the requested k unless the budget clamped it in every class; None
+    for methods without an interval.
+    """
+    used = [r["k_used"] for r in per_class if r.get("k_used") is not None]
+    return max(used) if used else None
+
+
 def results_table(grid, sweep_dir: Location, keys: list[str], base: dict[str, Any]) -> pd.DataFrame:
     """Every FID report of every trial: one row per (trial, steps); ``base`` is the sweep context's config."""
     rows = []
@@ -277,9 +286,13 @@ def results_table(grid, sweep_dir: Location, keys: list[str], base: dict[str, An
             continue
         params = result.config["params"]
         cfg = build_config(apply_overrides(base, trial_overrides(params)))
+        k_used = {}
         for _, r in df.iterrows():
+            if r["trial_dir"] not in k_used:
+                manifest = location(r["trial_dir"]) / "condense" / "manifest.json"
+                k_used[r["trial_dir"]] = interval_used(manifest.read_json()["per_class"]) if manifest.is_file() else None
             row = {k: params.get(k) for k in keys}
-            row.update(k=cfg.select.k, budget=cfg.select.budget, method=cfg.select.method, steps=int(r["steps"]),
+            row.update(k=cfg.select.k, k_used=k_used[r["trial_dir"]], budget=cfg.select.budget, method=cfg.select.method, steps=int(r["steps"]),
                        fid=float(r["fid"]), kid=float(r["kid"]), wall_time_s=float(r["wall_time_s"]), trial_dir=r["trial_dir"])
             rows.append(row)
     return pd.DataFrame(rows, columns=keys + [c for c in RESULT_COLUMNS if c not in keys])
@@ -339,7 +352,15 @@ def run_sweep(cfg: D2CConfig) -> int:
     start = time.perf_counter()
     if resuming:
         print(f"[d2c] sweep: resuming {path} (finished trials are kept)", flush=True)
-        tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True, storage_filesystem=storage_fs)
+        try:
+            tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True, storage_filesystem=storage_fs)
+        except ValueError as err:  # Tune refuses a trainable other than the one the experiment started with
+            if "trainable" not in str(err):
+                raise
+            raise ConfigError(
+                f"cannot resume the sweep in {path}: it was started by another d2c version ({err}). Delete {path} "
+                f"and rerun the same command: every finished trial's condensed set, checkpoints and FID under "
+                f"{sweep_dir / 'trials'} are reused, so only the unfinished trials do work.") from None
     else:
         tuner = tune.Tuner(
             trainable,
@@ -362,7 +383,8 @@ def run_sweep(cfg: D2CConfig) -> int:
         print(f"[d2c] sweep: FID against k plotted in {write_fid_plot(final, sweep_dir)}", flush=True)
         best = final.loc[final.groupby("budget")["fid"].idxmin()]
         for _, r in best.iterrows():
-            print(f"[d2c] sweep: budget {r['budget']}: best k={r['k']} (FID {r['fid']:.2f} after {r['steps']} steps)", flush=True)
+            applied = "" if pd.isna(r["k_used"]) or r["k_used"] == r["k"] else f", applied as k={int(r['k_used'])}"
+            print(f"[d2c] sweep: budget {r['budget']}: best k={r['k']}{applied} (FID {r['fid']:.2f} after {r['steps']} steps)", flush=True)
     print(f"[d2c] sweep: results in {sweep_dir / RESULTS_CSV}", flush=True)
     if errors:
         print(f"[d2c] sweep: {len(errors)} trial(s) failed; rerun the same command to retry them", flush=True)

@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from app.sweep import FID_PLOT, RESULTS_CSV, SWEEP_CONTEXT, grid_points, prepare_scores, run_sweep, trial_name
+from app.sweep import (FID_PLOT, RESULTS_CSV, SWEEP_CONTEXT, grid_points, interval_used, prepare_scores, run_sweep,
+                       trial_name)
 from conftest import tiny_cfg
 from d2c.config import ConfigError
 from d2c.data.source import list_source
@@ -51,6 +52,7 @@ def test_two_by_two_sweep_end_to_end(condensed_run, scorer_ckpt, tmp_path, capsy
     assert len(table) == 4
     assert sorted(zip(table.k, table.budget)) == [(1, 10), (1, 20), (3, 10), (3, 20)]
     assert (table.steps == 2).all() and table.fid.notna().all() and (table.fid > 0).all()
+    assert (table.k_used == table.k).all()  # no point of this grid is clamped (the ranks below say so too)
     out = capsys.readouterr().out
     assert "budget 10: best k=" in out and "budget 20: best k=" in out
     assert (sweep_dir / FID_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -112,3 +114,37 @@ def test_feature_baselines_sweep_encodes_once(condensed_run, scorer_ckpt, tmp_pa
             ranks = sorted(int(r) for r in algo(np.stack([by_id[i] for i in ordered]), 2))
             got = sel[sel.label == label].sort_values("rank")
             assert got["rank"].tolist() == ranks and got.image_id.tolist() == [ordered[r] for r in ranks]
+
+
+def test_interval_used_is_the_applied_k():
+    def cls(k, k_used):
+        return {"label": 0, "size": 100, "requested": 4, "selected": 4, "k": k, "k_used": k_used, "note": ""}
+
+    assert interval_used([cls(96, 25), cls(96, 25)]) == 25  # clamped in every class
+    assert interval_used([cls(96, 96), cls(96, 30)]) == 96  # one small class clamped
+    assert interval_used([cls(None, None)]) is None  # random / kcenter / herding
+
+
+def test_plot_puts_clamped_points_at_the_applied_interval():
+    from app.report_plots import plot_sweep
+
+    df = pd.DataFrame({"k": [1, 16, 96, 1, 96], "k_used": [1, 16, 96, 1, 25], "budget": [120, 120, 120, 600, 600],
+                       "method": ["d2c"] * 5, "fid": [250.0, 240.0, 235.0, 238.0, 234.0]})
+    curves = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in plot_sweep(df).axes[0].lines}
+    assert curves == {"budget 120 · d2c": ([1, 16, 96], [250.0, 240.0, 235.0]),
+                      "budget 600 · d2c": ([1, 25], [238.0, 234.0])}
+    # a table from before k_used existed plots at the requested k
+    old = plot_sweep(df.drop(columns="k_used")).axes[0].lines
+    assert list(old[1].get_xdata()) == [1, 96]
+
+
+def test_resuming_a_sweep_started_by_another_trainable_says_how_to_recover(condensed_run, scorer_ckpt, tmp_path):
+    from ray import tune
+
+    run, _ = condensed_run
+    sweep_dir = tmp_path / "sweep"
+    # an experiment in SWEEP/tune whose trainable is not d2c's (what an older d2c version leaves behind)
+    tune.Tuner(lambda config: tune.report({"fid": 1.0}), param_space={"params": {}},
+               run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir))).fit()
+    with pytest.raises(ConfigError, match=r"another d2c version.*Delete .*tune.*finished trial's condensed set"):
+        run_sweep(_sweep_cfg(run, scorer_ckpt, sweep_dir))
