@@ -286,13 +286,11 @@ def results_table(grid, sweep_dir: Location, keys: list[str], base: dict[str, An
             continue
         params = result.config["params"]
         cfg = build_config(apply_overrides(base, trial_overrides(params)))
-        k_used = {}
+        manifest = location(df["trial_dir"].iloc[0]) / "condense" / "manifest.json"  # one trial dir per trial
+        k_used = interval_used(manifest.read_json()["per_class"]) if manifest.is_file() else None
         for _, r in df.iterrows():
-            if r["trial_dir"] not in k_used:
-                manifest = location(r["trial_dir"]) / "condense" / "manifest.json"
-                k_used[r["trial_dir"]] = interval_used(manifest.read_json()["per_class"]) if manifest.is_file() else None
             row = {k: params.get(k) for k in keys}
-            row.update(k=cfg.select.k, k_used=k_used[r["trial_dir"]], budget=cfg.select.budget, method=cfg.select.method, steps=int(r["steps"]),
+            row.update(k=cfg.select.k, k_used=k_used, budget=cfg.select.budget, method=cfg.select.method, steps=int(r["steps"]),
                        fid=float(r["fid"]), kid=float(r["kid"]), wall_time_s=float(r["wall_time_s"]), trial_dir=r["trial_dir"])
             rows.append(row)
     return pd.DataFrame(rows, columns=keys + [c for c in RESULT_COLUMNS if c not in keys])
