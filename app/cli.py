@@ -1,4 +1,4 @@
-"""The ``d2c`` command: ``condense | train | evaluate | sweep | demo | report | config``.
+"""The ``d2c`` command: ``condense | train | evaluate | compare | sweep | demo | report | config``.
 
 Each subcommand loads one config (``--config FILE`` plus ``key=value`` overrides),
 validates it before doing any work, and hands it to a thin Ray stage in ``app/``.
@@ -11,7 +11,7 @@ import importlib
 import sys
 from typing import Callable, Optional
 
-from d2c.config import ConfigError, D2CConfig, dump_config, load_config
+from d2c.config import DEFAULT_BOOTSTRAP_LEVEL, DEFAULT_BOOTSTRAP_ROUNDS, ConfigError, D2CConfig, dump_config, load_config
 from d2c.storage import StorageError
 
 #: subcommand → (module in app/, function name, one-line help)
@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "condense": ("app.condense", "run_condense", "score, select and attach: write RUN/condensed"),
     "train": ("app.train", "run_train", "train DiT/SiT on a condensed set (or a full dataset) with Ray Train"),
     "evaluate": ("app.evaluate", "run_evaluate", "sample a checkpoint and compute FID/KID/precision/recall"),
+    "compare": ("app.compare", "run_compare", "FID(A) - FID(B) of two evaluations with a bootstrap interval"),
     "sweep": ("app.sweep", "run_sweep", "Ray Tune sweep of interval k against data budget"),
     "demo": ("app.demo", "run_demo", "the whole method end to end on Fashion-MNIST, offline on a CPU"),
     "report": ("app.report", "run_report", "write the HTML report for one or more run directories"),
@@ -45,6 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("runs", nargs="+", help="run directories to report on")
             p.add_argument("--out", default=None, help="HTML file to write")
             continue
+        if name == "compare":
+            p.add_argument("eval_a", help="EVAL directory of model A (written by d2c evaluate)")
+            p.add_argument("eval_b", help="EVAL directory of model B, scored against the same reference")
+            p.add_argument("--rounds", type=int, default=DEFAULT_BOOTSTRAP_ROUNDS, help="bootstrap rounds")
+            p.add_argument("--level", type=float, default=DEFAULT_BOOTSTRAP_LEVEL, help="interval level")
+            p.add_argument("--seed", type=int, default=0, help="seed of the rounds' draws")
+            p.add_argument("--out", default=None, help="also write the comparison to this JSON file")
+            continue
         _add_config_args(p)
     p = sub.add_parser("config", help="validate a config and print it with every default filled in")
     _add_config_args(p)
@@ -66,6 +75,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if args.command == "report":
             return int(_resolve("report")(args.runs, out=args.out) or 0)
+        if args.command == "compare":
+            return int(_resolve("compare")(args.eval_a, args.eval_b, rounds=args.rounds, level=args.level,
+                                           seed=args.seed, out=args.out) or 0)
         if args.command == "demo" and args.config is None:
             from app.demo import DEFAULT_CONFIG
 

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from app.compare import describe
 from app.ray_session import init_ray, quiet_data_context
 from app.stages import write_json_atomic
 from d2c.config import D2CConfig, apply_overrides, build_config
@@ -24,6 +25,9 @@ from d2c.config import D2CConfig, apply_overrides, build_config
 #: The variants the demo compares: D2C (select + attach) and the random baseline
 #: (random selection, plain class conditioning — DiT's own recipe on the same budget).
 VARIANTS = ("d2c", "random")
+
+#: FID(d2c) - FID(random) with its bootstrap interval (app.compare), beside demo.json.
+COMPARISON_FILE = "comparison.json"
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "embedded.yaml"
 
@@ -92,6 +96,20 @@ def _metrics_table(out: Path) -> str:
     return "\n".join(rows)
 
 
+def compare_variants(cfg: D2CConfig, cfgs: dict[str, D2CConfig], out_dir: Path) -> Optional[dict[str, Any]]:
+    """FID(d2c) - FID(random) with a paired bootstrap interval → ``OUT/comparison.json`` (None when
+    ``eval.bootstrap_rounds`` is 0)."""
+    from app.compare import compare_evals
+
+    if not cfg.eval.bootstrap_rounds:
+        return None
+    a, b = VARIANTS
+    result = compare_evals(cfgs[a].eval_dir, cfgs[b].eval_dir, rounds=cfg.eval.bootstrap_rounds,
+                           level=cfg.eval.bootstrap_level, seed=cfg.eval.seed, names=(a, b))
+    write_json_atomic(out_dir / COMPARISON_FILE, result)
+    return result
+
+
 def run_demo(
     cfg: D2CConfig,
     quick: bool = False,
@@ -121,6 +139,7 @@ def run_demo(
         clock.run(f"train ({v})", lambda v=v: run_train(cfgs[v]))
     for v in VARIANTS:
         clock.run(f"evaluate ({v})", lambda v=v: run_evaluate(cfgs[v]))
+    comparison = clock.run("compare (bootstrap)", lambda: compare_variants(cfg, cfgs, out_dir))
     summary = {
         "quick": quick,
         "config": cfg.to_dict(),
@@ -128,9 +147,12 @@ def run_demo(
         "scorer": scorer,
         "runs": {v: {"condense": c.run_dir, "train": c.train_dir, "eval": c.eval_dir} for v, c in cfgs.items()},
         "timings_s": clock.timings,
+        "comparison": COMPARISON_FILE if comparison else None,
     }
     write_json_atomic(out_dir / "demo.json", summary)
     report = clock.run("report", lambda: write_report([str(out_dir)], str(out_dir / "report.html")))
     table = _metrics_table(out_dir)
+    if comparison:
+        table += "\n\n" + describe(comparison)
     print(f"\n{table}\n\n[d2c] demo: total {sum(clock.timings.values()):.0f} s; report: {report}", flush=True)
     return 0

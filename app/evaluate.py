@@ -47,6 +47,10 @@ from d2c.storage import Location, StorageError, is_uri, location
 EVAL_FORMAT = "d2c-eval-v1"
 METRICS_FILE = "metrics.json"
 SAMPLES_FILE = "samples.npz"
+#: The samples' Inception pool features and labels (``d2c compare`` and bootstrap reruns read them).
+FEATURES_FILE = "features.npz"
+NPZ_GEN_POOL = "pool"
+NPZ_GEN_LABELS = "label"
 GRIDS_DIR = "grids"
 SETTINGS_FILE = "_settings.json"
 #: Environment variable of the cache root, and its default.
@@ -68,6 +72,10 @@ FIDELITY_WEIGHTS_SUFFIX = ".pth"
 SPLIT_REFERENCES = ("test", "train")
 #: Sources with a test split.
 SOURCES_WITH_TEST_SPLIT = ("fashion_mnist",)
+#: reference.statistics in metrics.json: the FID's reference statistics come from the cached
+#: features (a split, or an ADM .npz's arr_0) or from the ADM file's own mu/sigma.
+STATS_FROM_FEATURES = "features"
+STATS_FROM_FILE = "file_mu_sigma"
 #: The marker the sqrtm route of the FID raises for an imaginary square root.
 SQRTM_IMAGINARY_MARKER = "imaginary component"
 
@@ -88,6 +96,18 @@ HOW: dict[str, str] = {
     "is_mean": "Inception Score (torch-fidelity): exp(E KL(p(y|x) || p(y))) over the 1008 unbiased logits, mean over 10 splits",
     "is_std": "standard deviation of the Inception Score over its 10 splits",
     "n_gen": "samples the metrics were computed on",
+    "fid_bootstrap.point": "the FID of all samples against the whole reference (equals fid to round-off)",
+    "fid_bootstrap.std": "standard deviation of the FID over eval.bootstrap_rounds rounds, each resampling with replacement, "
+    "within each class, the samples and (when the FID's statistics come from features) the reference; d2c.eval.bootstrap. "
+    "Conservative for one FID: in benchmarks/bootstrap_calibration.py's simulation (N=300 vs 500, D=2048) it was 2.7x the "
+    "spread over fresh draws; for a paired difference (d2c compare) 1.06x (BENCHMARKS.md)",
+    "fid_bootstrap.low": "lower end of the eval.bootstrap_level interval: the rounds' percentiles, moved so their mean is the point",
+    "fid_bootstrap.high": "upper end of that interval",
+    "fid_bootstrap.shift": "the rounds' mean minus the point (resampling duplicates rows, which raises FID)",
+    "fid_bootstrap.rounds": "eval.bootstrap_rounds",
+    "fid_bootstrap.level": "eval.bootstrap_level",
+    "fid_bootstrap.seed": "seed of the rounds' draws (eval.seed)",
+    "fid_bootstrap.resampled": "what each round resampled",
     "n_ref": "reference images (or the count stored with the reference statistics) behind the reference statistics",
     "num_samples": "samples drawn (eval.num_samples); sample i has class i mod num_classes",
     "num_classes": "classes of the model (its label table without the null class)",
@@ -118,6 +138,7 @@ HOW: dict[str, str] = {
     "timing.sampling_and_features_s": "wall seconds of the Ray pipeline: sampling actors -> Inception actors -> driver",
     "timing.samples_per_s": "num_samples / timing.sampling_and_features_s",
     "timing.metrics_s": "wall seconds to compute the metrics from the features",
+    "timing.bootstrap_s": "wall seconds of the fid_bootstrap rounds",
     "timing.total_s": "wall seconds of the whole evaluate run",
 }
 
@@ -520,6 +541,7 @@ def reference_statistics(cfg: D2CConfig, num_classes: int, extractor_id: str) ->
         "spatial_feats": [N, 2023] | None,
         "info": JSON description}``.
     """
+    from d2c.eval.bootstrap import NO_LABEL
     from d2c.eval.fid import NPZ_IMAGES, NPZ_MU, NPZ_SIGMA, load_reference_npz
 
     ref = cfg.eval.reference
@@ -530,7 +552,7 @@ def reference_statistics(cfg: D2CConfig, num_classes: int, extractor_id: str) ->
                                     size=len(rows), per_class=per_class,
                                     selection="the first images of each class in source order, class-balanced",
                                     preprocess=f"{data_cfg.preprocess} to {data_cfg.image_size} px, {data_cfg.channels} channel(s)",
-                                    fid_statistics_from="features")
+                                    fid_statistics_from="features", statistics=STATS_FROM_FEATURES)
         path = _cache_file(key)
         cached = _load_cached(path, key)
         info.update(cache_file=str(path), key=key, cached_before=cached is not None)
@@ -557,6 +579,7 @@ def reference_statistics(cfg: D2CConfig, num_classes: int, extractor_id: str) ->
         loaded = load_reference_npz(ref)
         stats, spatial = loaded.pool, loaded.spatial
         info["fid_statistics_from"] = "the file's mu/sigma (and mu_s/sigma_s for sFID), as ADM's evaluator"
+        info["statistics"] = STATS_FROM_FILE
     if NPZ_IMAGES in files:
         key = npz_reference_key(ref, extractor_id)
         path = _cache_file(key)
@@ -569,7 +592,7 @@ def reference_statistics(cfg: D2CConfig, num_classes: int, extractor_id: str) ->
                 raise ConfigError(f"eval.reference: {ref!r}'s {NPZ_IMAGES} must be uint8 N x H x W x 3, got {images.dtype} {images.shape}")
             timer = StageTimer("reference features")
             out = featurise_images(cfg, images)
-            _save_cached(path, key, extractor_id, out["pool"], out["spatial"], np.full(len(images), -1))
+            _save_cached(path, key, extractor_id, out["pool"], out["spatial"], np.full(len(images), NO_LABEL))
             timer.done(len(images), f"cached in {path}")
             cached = _load_cached(path, key)
         else:
@@ -579,9 +602,69 @@ def reference_statistics(cfg: D2CConfig, num_classes: int, extractor_id: str) ->
         if stats is None:
             stats, spatial = _cached_stats(cached)
             info["fid_statistics_from"] = "features of the file's arr_0 images"
+            info["statistics"] = STATS_FROM_FEATURES
     if stats is None:
         raise ConfigError(f"eval.reference: {ref!r} holds neither mu/sigma nor arr_0 images (found {files})")
     return dict(feats=feats, stats=stats, spatial=spatial, spatial_feats=spatial_feats, info=info)
+
+
+def bootstrap_reference(info: dict[str, Any]):
+    """The :class:`~d2c.eval.bootstrap.BootstrapReference` of an evaluation's ``metrics.json["reference"]``.
+
+    Features (resampled per round, with their class labels as strata) when the FID's statistics
+    came from them; the ADM file's fixed mu/sigma otherwise.
+
+    Raises:
+        ConfigError: the reference's cache file or ADM file is gone or no longer matches.
+    """
+    from d2c.eval.bootstrap import NO_LABEL, BootstrapReference
+    from d2c.eval.fid import load_reference_npz
+
+    statistics = info.get("statistics")
+    if statistics == STATS_FROM_FILE:
+        path = info.get("path")
+        if not path or not Path(path).is_file():
+            raise ConfigError(f"the reference file {path!r} this evaluation used is not there any more; restore it")
+        return BootstrapReference(stats=load_reference_npz(path).pool)
+    if statistics != STATS_FROM_FEATURES:
+        raise ConfigError("this metrics.json predates reference.statistics (d2c before the bootstrap); "
+                          "delete the EVAL directory and run d2c evaluate again")
+    path, key = Path(info.get("cache_file") or ""), info.get("key")
+    cached = _load_cached(path, key) if key else None
+    if cached is None:
+        raise ConfigError(f"the reference features this evaluation used ({path}) are not in the cache (another "
+                          f"machine, or {CACHE_ENV} points elsewhere); rerun d2c evaluate with the same config here "
+                          "to rebuild them (its samples are reused only if you move the EVAL directory away)")
+    labels = cached.get(NPZ_REF_LABELS)
+    if labels is not None and (labels == NO_LABEL).all():
+        labels = None
+    return BootstrapReference.from_features(cached[NPZ_POOL_FEATURES], labels)
+
+
+def save_features(path: Location, pool: np.ndarray, labels: np.ndarray) -> None:
+    """Write ``EVAL/features.npz``: ``pool`` float32 ``[N, 2048]`` and ``label`` int64 ``[N]`` (atomically)."""
+    from d2c.eval.fid import atomic_savez
+
+    if pool.ndim != 2 or labels.shape != (len(pool),):
+        raise ValueError(f"pool must be [N, D] and labels [N]; got {pool.shape} and {labels.shape}")
+    with path.local_output() as staged:
+        atomic_savez(str(staged), {NPZ_GEN_POOL: pool.astype(np.float32), NPZ_GEN_LABELS: labels.astype(np.int64)})
+
+
+def load_features(eval_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(pool float32 [N, D], labels int64 [N])`` from ``EVAL/features.npz``.
+
+    Raises:
+        ConfigError: the file is missing (an evaluation made before it existed) or malformed.
+    """
+    path = Path(eval_dir) / FEATURES_FILE
+    if not path.is_file():
+        raise ConfigError(f"{eval_dir} has no {FEATURES_FILE} (evaluated by a d2c before it was written); delete "
+                          f"{eval_dir} and run d2c evaluate again")
+    with np.load(path, allow_pickle=False) as z:
+        if NPZ_GEN_POOL not in z.files or NPZ_GEN_LABELS not in z.files:
+            raise ConfigError(f"{path} lacks {NPZ_GEN_POOL!r}/{NPZ_GEN_LABELS!r} (found {z.files})")
+        return z[NPZ_GEN_POOL], z[NPZ_GEN_LABELS]
 
 
 # ------------------------------------------------------------------------------------
@@ -749,9 +832,18 @@ def run_evaluate(cfg: D2CConfig) -> int:
     t0 = time.perf_counter()
     values, metric_settings = compute_all_metrics(cfg, samples, ref)
     t_metrics = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if cfg.eval.bootstrap_rounds:
+        from d2c.eval.bootstrap import fid_interval
+
+        values["fid_bootstrap"] = fid_interval(samples["pool"], bootstrap_reference(ref["info"]), samples["label"],
+                                               rounds=cfg.eval.bootstrap_rounds, level=cfg.eval.bootstrap_level,
+                                               seed=cfg.eval.seed).to_dict()
+    t_bootstrap = time.perf_counter() - t0
 
     with (out_dir / SAMPLES_FILE).local_output() as staged:
         save_samples_npz(str(staged), samples["image"], samples["label"])
+    save_features(out_dir / FEATURES_FILE, samples["pool"], samples["label"])
     class_names = _class_names(meta, text_path)
     with (out_dir / GRIDS_DIR).local_output_dir() as grids_dir:
         grids = write_grids(grids_dir, samples["image"], samples["label"], num_classes, cfg.eval.grid_per_class, class_names)
@@ -786,9 +878,10 @@ def run_evaluate(cfg: D2CConfig) -> int:
                               "network": "Inception-v3, TF 2015-12-05 weights (ADM evaluator / torch-fidelity inception-v3-compat)"},
         "metric_settings": metric_settings,
         "not_computed": not_computed,
-        "files": {"samples": SAMPLES_FILE, "grids": grid_files},
+        "files": {"samples": SAMPLES_FILE, "features": FEATURES_FILE, "grids": grid_files},
         "timing": {"reference_s": round(t_ref, 3), "sampling_and_features_s": round(t_samples, 3),
                    "samples_per_s": round(e.num_samples / t_samples, 3), "metrics_s": round(t_metrics, 3),
+                   "bootstrap_s": round(t_bootstrap, 3),
                    "total_s": round(total, 3)},
         "how": HOW,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

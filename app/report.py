@@ -1111,6 +1111,23 @@ def metrics_table(runs: Sequence[Variant]) -> Html:
     return table(header, rows, "metrics")
 
 
+def comparison_notes(inp: Inputs) -> list[Html]:
+    """A paragraph per demo with a ``comparison.json`` (``d2c compare`` of its two variants)."""
+    out = []
+    for d in inp.demos:
+        name = d.data.get("comparison")
+        if not name:
+            continue
+        result = read_json(d.path / name, inp.missing)
+        iv = (result or {}).get("fid_difference")
+        if not iv:
+            continue
+        pairing = "paired" if iv.get("paired") else "unpaired"
+        out.append(para(f"Is the FID gap real? {result['verdict']} ({iv['rounds']} {pairing} bootstrap rounds over "
+                        f"{iv['resampled']}; std {fmt_num(iv['std'])}; {d.path / name}). {result.get('how', '')}"))
+    return out
+
+
 def results_section(inp: Inputs) -> Optional[Section]:
     evals = [v for v in inp.variants if v.eval is not None]
     if not evals:
@@ -1123,6 +1140,7 @@ def results_section(inp: Inputs) -> Optional[Section]:
         body.append(para(metric_definitions([v.eval for v in with_metrics]) + " ↓ lower is better, ↑ higher is better. Rows in code "
                       "font are further fields of metrics.json, shown as recorded."))
         body += [para(n) for n in not_computed_notes(with_metrics)]
+        body += comparison_notes(inp)
         for v in with_metrics:
             if isinstance(v.eval.metrics.get("config"), Mapping):
                 body.append(details(f"evaluation config of {v.name} ({v.eval.path / 'metrics.json'})", v.eval.metrics["config"]))

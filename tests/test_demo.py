@@ -39,6 +39,14 @@ def test_quick_demo_end_to_end_and_rerun(ray_session, tmp_path, monkeypatch, cap
     assert rnd_sel["scores_dir"].endswith("d2c/condense/scores")  # scored once, reused by the baseline
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 6
+    # FID(d2c) - FID(random) with a paired bootstrap interval, printed, in comparison.json and in the report
+    cmp = json.loads((out / summary["comparison"]).read_text())
+    fids = {v: json.loads((out / v / "eval" / "metrics.json").read_text())["fid"] for v in ("d2c", "random")}
+    assert cmp["a"]["fid"] == pytest.approx(fids["d2c"], rel=1e-6) and cmp["b"]["fid"] == pytest.approx(fids["random"], rel=1e-6)
+    diff = cmp["fid_difference"]
+    assert diff["paired"] is True and diff["point"] == pytest.approx(fids["d2c"] - fids["random"], rel=1e-6, abs=1e-9)
+    assert diff["low"] < diff["point"] < diff["high"] and diff["rounds"] == summary["config"]["eval"]["bootstrap_rounds"]
+    assert cmp["verdict"] in printed and "Is the FID gap real?" in html
     # a rerun reuses every finished stage
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     again = capsys.readouterr().out

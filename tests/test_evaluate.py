@@ -305,6 +305,16 @@ def test_evaluate_end_to_end(ray_session, tiny_train, tmp_path, monkeypatch, cap
     local, local_labels = sample_class_balanced(model, meta, 20, NUM_CLASSES, "ddim", STEPS, batch_size=8, text=(emb, mask))
     assert np.array_equal(images[..., :1], local) and np.array_equal(labels, local_labels)
 
+    # The samples' pool features are kept (d2c compare reads them), with the labels of samples.npz.
+    with np.load(out / "features.npz") as z:
+        pool, feat_labels = z["pool"], z["label"]
+    assert pool.shape == (20, 2048) and pool.dtype == np.float32 and np.array_equal(feat_labels, labels)
+    boot = metrics["fid_bootstrap"]
+    assert boot["point"] == pytest.approx(metrics["fid"], rel=1e-6) and boot["rounds"] == 200 and boot["level"] == 0.95
+    assert boot["resampled"] == "samples and reference" and boot["std"] > 0 and boot["low"] < boot["point"] < boot["high"]
+    assert ref["statistics"] == "features"
+    _check_compare(out, tmp_path, capsys)
+
     # Same settings again: nothing is recomputed.
     capsys.readouterr()
     assert main(_eval_args(tiny_train / "train", out)) == 0
@@ -321,6 +331,51 @@ def test_evaluate_end_to_end(ray_session, tiny_train, tmp_path, monkeypatch, cap
     # Other settings into the same directory are refused.
     assert main(_eval_args(tiny_train / "train", out, "eval.seed=5")) == 2
     assert "eval_dir" in capsys.readouterr().err
+
+
+def _check_compare(out, tmp_path, capsys):
+    """``d2c compare`` on a real EVAL directory, on itself and on a copy with shifted features."""
+    import shutil
+
+    from app.compare import compare_evals
+    from app.evaluate import bootstrap_reference
+    from d2c.eval.bootstrap import fid_value
+
+    same = compare_evals(out, out, rounds=20)
+    d = same["fid_difference"]
+    assert d["paired"] is True and d["point"] == 0.0 and d["std"] == 0.0 and d["low"] == d["high"] == 0.0
+    assert same["verdict"].startswith("not resolved")
+    # B: the same samples with their features pulled towards the reference mean → a clearly lower FID.
+    metrics = json.loads((out / "metrics.json").read_text())
+    ref = bootstrap_reference(metrics["reference"])
+    other = tmp_path / "eval-b"
+    shutil.copytree(out, other)
+    with np.load(out / "features.npz") as z:
+        pool, labels = z["pool"], z["label"]
+    closer = (0.2 * pool + 0.8 * ref.stats.mu).astype(np.float32)
+    np.savez(other / "features.npz", pool=closer, label=labels)
+    (other / "metrics.json").write_text(json.dumps({**metrics, "fid": fid_value(closer, ref)}))
+    assert main(["compare", str(out), str(other), "--rounds", "30", "--out", str(tmp_path / "cmp.json")]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((tmp_path / "cmp.json").read_text())
+    d = result["fid_difference"]
+    assert d["point"] == pytest.approx(metrics["fid"] - fid_value(closer, ref), rel=1e-6)
+    assert d["low"] > 0 and result["verdict"].startswith(f"{other} has the lower FID") and result["verdict"] in printed
+    assert d["share_a_better"] == 0.0 and d["rounds"] == 30
+    # A features.npz that is not the one metrics.json was computed from is refused, naming the directory.
+    np.savez(other / "features.npz", pool=pool[::-1] * 2, label=labels)
+    assert main(["compare", str(out), str(other)]) == 2
+    assert "mixes two evaluations" in capsys.readouterr().err
+    # Scored against another reference: refused.
+    (other / "metrics.json").write_text(json.dumps({**metrics, "reference": {**metrics["reference"], "key": "other"}}))
+    assert main(["compare", str(out), str(other)]) == 2
+    assert "different references" in capsys.readouterr().err
+    (other / "features.npz").unlink()
+    (other / "metrics.json").write_text(json.dumps(metrics))
+    assert main(["compare", str(out), str(other)]) == 2
+    assert "has no features.npz" in capsys.readouterr().err
+    assert main(["compare", str(out), str(out), "--rounds", "3"]) == 2
+    assert "--rounds 3 is too few" in capsys.readouterr().err
 
 
 def test_adm_reference_npz(ray_session, tmp_path, monkeypatch):
@@ -348,6 +403,16 @@ def test_adm_reference_npz(ray_session, tmp_path, monkeypatch):
     np.savez(tmp_path / "stats.npz", mu=ref["stats"].mu, sigma=ref["stats"].sigma)
     only = reference_statistics(load_config(None, [f"eval.reference={tmp_path / 'stats.npz'}"]), NUM_CLASSES, extractor_id())
     assert only["feats"] is None and np.array_equal(only["stats"].mu, ref["stats"].mu)
+    # The bootstrap's reference: the cached arr_0 features (one stratum: no labels), or the file's fixed mu/sigma.
+    from app.evaluate import bootstrap_reference
+
+    boot = bootstrap_reference(ref["info"])
+    assert boot.features.shape == (8, 2048) and boot.labels is None
+    np.testing.assert_allclose(boot.features, ref["feats"], rtol=0, atol=0)
+    fixed = bootstrap_reference(only["info"])
+    assert fixed.features is None and np.array_equal(fixed.stats.sigma, ref["stats"].sigma)
+    with pytest.raises(ConfigError, match="not in the cache"):
+        bootstrap_reference({**ref["info"], "cache_file": str(tmp_path / "gone.npz")})
     (tmp_path / "bad.npz").write_text("not a zip")
     with pytest.raises(ConfigError, match="eval.reference"):
         check_reference(load_config(None, [f"eval.reference={tmp_path / 'bad.npz'}"]))

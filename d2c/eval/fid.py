@@ -491,7 +491,7 @@ def _is_images(arr: np.ndarray | torch.Tensor) -> bool:
     return arr.dtype == torch.uint8 if isinstance(arr, torch.Tensor) else np.dtype(arr.dtype) == np.uint8
 
 
-def _atomic_savez(path: str, arrays: dict[str, np.ndarray]) -> None:
+def atomic_savez(path: str, arrays: dict[str, np.ndarray]) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=".npz.tmp")
@@ -520,7 +520,7 @@ def _stats_arrays(pool: FeatureStats, spatial: FeatureStats | None) -> dict[str,
 
 def save_stats_npz(path: str, pool: FeatureStats, spatial: FeatureStats | None = None, **extra: np.ndarray) -> None:
     """Write statistics in ADM's reference format: ``mu``, ``sigma`` (+ ``mu_s``, ``sigma_s``)."""
-    _atomic_savez(path, {**_stats_arrays(pool, spatial), **extra})
+    atomic_savez(path, {**_stats_arrays(pool, spatial), **extra})
 
 
 def reference_stats(
@@ -645,7 +645,7 @@ def save_samples_npz(path: str, images: np.ndarray | torch.Tensor, labels: np.nd
         if labels.shape != (arrays[NPZ_IMAGES].shape[0],):
             raise ValueError(f"labels must be [N={arrays[NPZ_IMAGES].shape[0]}], got {labels.shape}")
         arrays[NPZ_LABELS] = labels
-    _atomic_savez(path, arrays)
+    atomic_savez(path, arrays)
 
 
 # ---------------------------------------------------------------------------
