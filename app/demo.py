@@ -98,13 +98,15 @@ def _metrics_table(out: Path) -> str:
 
 def compare_variants(cfg: D2CConfig, cfgs: dict[str, D2CConfig], out_dir: Path) -> Optional[dict[str, Any]]:
     """FID(d2c) - FID(random) with a paired bootstrap interval → ``OUT/comparison.json`` (None when
-    ``eval.bootstrap_rounds`` is 0)."""
+    ``eval.bootstrap_rounds`` is 0; 200 rounds when it is None)."""
     from app.compare import compare_evals
+    from d2c.config import DEFAULT_BOOTSTRAP_ROUNDS
 
-    if not cfg.eval.bootstrap_rounds:
+    rounds = cfg.eval.bootstrap_rounds
+    if rounds == 0:
         return None
     a, b = VARIANTS
-    result = compare_evals(cfgs[a].eval_dir, cfgs[b].eval_dir, rounds=cfg.eval.bootstrap_rounds,
+    result = compare_evals(cfgs[a].eval_dir, cfgs[b].eval_dir, rounds=rounds or DEFAULT_BOOTSTRAP_ROUNDS,
                            level=cfg.eval.bootstrap_level, seed=cfg.eval.seed, names=(a, b))
     write_json_atomic(out_dir / COMPARISON_FILE, result)
     return result

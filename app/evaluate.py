@@ -104,7 +104,7 @@ HOW: dict[str, str] = {
     "fid_bootstrap.low": "lower end of the eval.bootstrap_level interval: the rounds' percentiles, moved so their mean is the point",
     "fid_bootstrap.high": "upper end of that interval",
     "fid_bootstrap.shift": "the rounds' mean minus the point (resampling duplicates rows, which raises FID)",
-    "fid_bootstrap.rounds": "eval.bootstrap_rounds",
+    "fid_bootstrap.rounds": "eval.bootstrap_rounds (None: 200 where the fast route applies)",
     "fid_bootstrap.level": "eval.bootstrap_level",
     "fid_bootstrap.seed": "seed of the rounds' draws (eval.seed)",
     "fid_bootstrap.resampled": "what each round resampled",
@@ -641,6 +641,27 @@ def bootstrap_reference(info: dict[str, Any]):
     return BootstrapReference.from_features(cached[NPZ_POOL_FEATURES], labels)
 
 
+def fid_bootstrap(cfg: D2CConfig, samples: dict[str, np.ndarray], info: dict[str, Any]) -> tuple[Optional[dict], Optional[str]]:
+    """``(metrics.json's fid_bootstrap, None)``, or ``(None, why it was not computed)`` (``eval.bootstrap_rounds``)."""
+    from d2c.config import DEFAULT_BOOTSTRAP_ROUNDS
+    from d2c.eval.bootstrap import cheap_route, fid_interval
+
+    rounds = cfg.eval.bootstrap_rounds
+    if rounds == 0:
+        return None, "eval.bootstrap_rounds=0"
+    ref = bootstrap_reference(info)
+    n, dim = samples["pool"].shape
+    m = None if ref.features is None else len(ref.features)
+    if rounds is None:
+        if not cheap_route(n, m, dim):
+            return None, (f"skipped by default at N={n} samples vs {m or 'fixed statistics of the'} reference: each round "
+                          f"would need {dim} x {dim} eigendecompositions (about 2 s each on 2 cores); set "
+                          "eval.bootstrap_rounds=R to compute it anyway")
+        rounds = DEFAULT_BOOTSTRAP_ROUNDS
+    iv = fid_interval(samples["pool"], ref, samples["label"], rounds=rounds, level=cfg.eval.bootstrap_level, seed=cfg.eval.seed)
+    return iv.to_dict(), None
+
+
 def save_features(path: Location, pool: np.ndarray, labels: np.ndarray) -> None:
     """Write ``EVAL/features.npz``: ``pool`` float32 ``[N, 2048]`` and ``label`` int64 ``[N]`` (atomically)."""
     from d2c.eval.fid import atomic_savez
@@ -833,12 +854,9 @@ def run_evaluate(cfg: D2CConfig) -> int:
     values, metric_settings = compute_all_metrics(cfg, samples, ref)
     t_metrics = time.perf_counter() - t0
     t0 = time.perf_counter()
-    if cfg.eval.bootstrap_rounds:
-        from d2c.eval.bootstrap import fid_interval
-
-        values["fid_bootstrap"] = fid_interval(samples["pool"], bootstrap_reference(ref["info"]), samples["label"],
-                                               rounds=cfg.eval.bootstrap_rounds, level=cfg.eval.bootstrap_level,
-                                               seed=cfg.eval.seed).to_dict()
+    boot, boot_note = fid_bootstrap(cfg, samples, ref["info"])
+    if boot is not None:
+        values["fid_bootstrap"] = boot
     t_bootstrap = time.perf_counter() - t0
 
     with (out_dir / SAMPLES_FILE).local_output() as staged:
@@ -855,6 +873,8 @@ def run_evaluate(cfg: D2CConfig) -> int:
         not_computed["is_mean"] = not_computed["is_std"] = (
             "the shipped TorchScript Inception has no classifier head; set eval.inception_path to torch-fidelity's "
             "weights-inception-2015-12-05-6726825d.pth for the Inception Score")
+    if boot_note:
+        not_computed["fid_bootstrap"] = boot_note
     if "kid_mean" not in values:
         not_computed["kid_mean"] = not_computed["precision"] = not_computed["recall"] = (
             "the reference holds statistics only (no images): KID and precision/recall need reference features")

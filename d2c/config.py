@@ -307,9 +307,11 @@ class EvalConfig(_Section):
     #: float64 round-off (tests/test_fid.py).
     fid_method: Literal["sqrtm", "eigh", "svd"] = "svd"
     #: Bootstrap rounds behind ``fid_bootstrap`` in metrics.json (the FID's spread over resampled
-    #: samples and reference, :mod:`d2c.eval.bootstrap`; 0 = not computed; about 0.03 s a round
-    #: at 300 vs 500 images on 2 cores) and the level of its interval.
-    bootstrap_rounds: int = Field(DEFAULT_BOOTSTRAP_ROUNDS, ge=0)
+    #: samples and reference, :mod:`d2c.eval.bootstrap`; about 0.015 s a round at 300 vs 500 images
+    #: on 2 cores) and the level of its interval. None = 200 while samples and reference are few
+    #: enough for the fast route (N, M up to about D = 2048), else skipped (each round would be
+    #: D x D eigendecompositions; FID-50K's spread is small anyway); 0 = off; a number forces it.
+    bootstrap_rounds: Optional[int] = Field(None, ge=0)
     bootstrap_level: float = Field(DEFAULT_BOOTSTRAP_LEVEL, gt=0.0, lt=1.0)
     #: Samples per class shown in ``EVAL/grids/`` (per-class grids and the overview).
     grid_per_class: int = Field(16, ge=1)
@@ -332,7 +334,7 @@ class EvalConfig(_Section):
                     f"eval.{hi_key} ({getattr(self, hi_key)}) is below eval.{lo_key} "
                     f"({getattr(self, lo_key)}); set eval.{hi_key} >= eval.{lo_key}"
                 )
-        if 0 < self.bootstrap_rounds < MIN_BOOTSTRAP_ROUNDS:
+        if self.bootstrap_rounds is not None and 0 < self.bootstrap_rounds < MIN_BOOTSTRAP_ROUNDS:
             raise ValueError(
                 f"eval.bootstrap_rounds={self.bootstrap_rounds} is too few for an interval; "
                 f"set it to 0 (off) or at least {MIN_BOOTSTRAP_ROUNDS}"

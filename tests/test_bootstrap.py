@@ -124,3 +124,27 @@ def test_bad_inputs_are_refused():
         fid_interval(_feats(10, 8, 1), ref, level=1.0)
     with pytest.raises(ValueError, match=r"gen must be \[N >= 2, 8\]"):
         fid_interval(_feats(10, 4, 1), ref)
+
+
+def test_evaluate_computes_the_bootstrap_only_where_it_is_cheap_unless_told(tmp_path):
+    """eval.bootstrap_rounds: None = 200 rounds on the fast route, skipped (with the reason) above it; 0 = off."""
+    from app.evaluate import STATS_FROM_FILE, fid_bootstrap
+    from d2c.config import load_config
+
+    ref = _feats(40, 8, 10)
+    np.savez(tmp_path / "ref.npz", mu=ref.mean(0), sigma=np.cov(ref, rowvar=False))
+    info = {"statistics": STATS_FROM_FILE, "path": str(tmp_path / "ref.npz")}
+    few = {"pool": _feats(6, 8, 11).astype(np.float32), "label": np.arange(6) % 2}  # N=6 <= D=8: fast route
+    many = {"pool": _feats(20, 8, 12).astype(np.float32), "label": np.arange(20) % 2}  # N=20 > D: D x D per round
+
+    def run(samples, *overrides):
+        return fid_bootstrap(load_config(None, list(overrides)), samples, info)
+
+    boot, note = run(few)
+    assert note is None and boot["rounds"] == 200 and boot["resampled"] == "samples"
+    assert boot["point"] == pytest.approx(_exact(few["pool"], ref), rel=1e-6)
+    boot, note = run(many)
+    assert boot is None and "skipped by default at N=20" in note and "eval.bootstrap_rounds=R" in note
+    boot, note = run(many, "eval.bootstrap_rounds=12")
+    assert note is None and boot["rounds"] == 12 and boot["point"] == pytest.approx(_exact(many["pool"], ref), rel=1e-6)
+    assert run(few, "eval.bootstrap_rounds=0") == (None, "eval.bootstrap_rounds=0")

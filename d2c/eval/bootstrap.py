@@ -29,7 +29,7 @@ a number on it from the features already computed, without sampling again.
 
 FID per round in O(N^2 D) rather than O(D^3): with centred rows ``A`` ``[N, D]`` and
 ``S = A^T A / (N - 1)``, ``tr sqrt(S_a S_b)`` is the nuclear norm of ``A B^T`` over
-``sqrt((N_a - 1)(N_b - 1))`` (two feature sets), or ``sum sqrt(eig(A S_r A^T)) / sqrt(N - 1)``
+``sqrt((N_a - 1)(N_b - 1))`` (two feature sets; from the eigenvalues of its smaller Gram matrix), or ``sum sqrt(eig(A S_r A^T)) / sqrt(N - 1)``
 (features against fixed statistics; ``A S_r A^T`` is symmetric PSD with the non-zero spectrum of
 ``S S_r``). Above D rows the D x D route is used (:mod:`d2c.eval.fid`). Every route equals
 :func:`d2c.eval.fid.frechet_distance` to 1e-6 relative, the round-off of square roots of near-zero
@@ -128,13 +128,42 @@ def stratified_draw(strata: list[np.ndarray], rng: np.random.Generator) -> np.nd
     return np.concatenate([s[rng.integers(0, len(s), len(s))] for s in strata])
 
 
-class _FidRound:
-    """FID of feature rows against a reference, by the cheapest exact route for the sizes."""
+def _nuclear_norm(mat: np.ndarray) -> float:
+    """Sum of the singular values of ``mat`` ``[P, Q]``: ``sum sqrt(eig(M M^T))`` on the smaller Gram
+    matrix (about 3x faster than an SVD at 300 x 500; the same to 1e-12 relative)."""
+    gram = mat @ mat.T if mat.shape[0] <= mat.shape[1] else mat.T @ mat
+    return float(np.sqrt(np.clip(np.linalg.eigvalsh(gram), 0.0, None)).sum())
 
-    def __init__(self, ref: BootstrapReference):
-        self.ref = ref
-        sigma = ref.stats.sigma.astype(np.float64)
-        self.ref_sigma, self.ref_mu, self.ref_trace = sigma, ref.stats.mu.astype(np.float64), float(np.trace(sigma))
+
+def cheap_route(n: int, m: Optional[int], dim: int) -> bool:
+    """True when a round of ``n`` samples against ``m`` reference rows (None = fixed statistics) takes
+    the ``O(N^2 M)`` route rather than ``D x D`` eigendecompositions (about 2 s each at D = 2048)."""
+    return n <= dim if m is None else n * m * min(n, m) <= dim**3
+
+
+class _Rounds:
+    """FIDs of resampled rows of one feature set ``[N, D]`` against the reference, by the cheapest exact route.
+
+    On the cheap route the products with the reference are formed once, uncentred: the ``[N, M]``
+    cross Gram ``G R^T`` (or ``G S_r G^T`` ``[N, N]`` for fixed statistics) and the row norms; a
+    round then centres its gathered block with rank-one corrections (``O(N M + (N + M) D)``) and
+    takes the eigenvalues of an ``N x N`` matrix, instead of an ``[N, D] x [D, M]`` product.
+    """
+
+    def __init__(self, gen: np.ndarray, ref: BootstrapReference):
+        self.gen, self.ref = gen, ref
+        self.n, self.dim = gen.shape
+        self.sq_gen = np.einsum("ij,ij->i", gen, gen)
+        self.ref_mu = ref.stats.mu.astype(np.float64)
+        self.ref_sigma = ref.stats.sigma.astype(np.float64)
+        self.m = None if ref.features is None else len(ref.features)
+        self.cheap = cheap_route(self.n, self.m, self.dim)
+        if ref.features is not None:
+            self.sq_ref = np.einsum("ij,ij->i", ref.features, ref.features)
+            self.cross = gen @ ref.features.T if self.cheap else None  # [N, M]
+        elif self.cheap:
+            self.gen_sigma = gen @ self.ref_sigma  # [N, D]
+            self.inner = self.gen_sigma @ gen.T  # [N, N]
         self._root_ref: Optional[np.ndarray] = None
 
     def _root(self) -> np.ndarray:
@@ -143,38 +172,47 @@ class _FidRound:
             self._root_ref = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
         return self._root_ref
 
-    def __call__(self, gen: np.ndarray, ref_rows: Optional[np.ndarray]) -> float:
-        """FID of ``gen`` ``[N, D]`` against ``ref_rows`` ``[M, D]`` (None = the fixed reference statistics)."""
-        n, dim = gen.shape
-        mu_g = gen.mean(axis=0)
-        a = gen - mu_g
-        tr_g = float(np.einsum("ij,ij->", a, a)) / (n - 1)
-        if ref_rows is not None:
-            m = len(ref_rows)
-            mu_r = ref_rows.mean(axis=0)
-            b = ref_rows - mu_r
-            tr_r = float(np.einsum("ij,ij->", b, b)) / (m - 1)
-            if n * m * min(n, m) <= dim**3:
-                cross = float(np.linalg.svd(a @ b.T, compute_uv=False).sum() / np.sqrt((n - 1) * (m - 1)))
+    def fid(self, idx: np.ndarray, ridx: Optional[np.ndarray]) -> float:
+        """FID of rows ``idx`` ``[N]`` against reference rows ``ridx`` ``[M]`` (None = the fixed statistics)."""
+        g = self.gen[idx]
+        n = len(idx)
+        mu_g = g.mean(axis=0)
+        tr_g = (self.sq_gen[idx].sum() - n * (mu_g @ mu_g)) / (n - 1)
+        if self.ref.features is not None:
+            r = self.ref.features[ridx]
+            m = len(ridx)
+            mu_r = r.mean(axis=0)
+            tr_r = (self.sq_ref[ridx].sum() - m * (mu_r @ mu_r)) / (m - 1)
+            if self.cheap:
+                centred = self.cross[np.ix_(idx, ridx)] - (g @ mu_r)[:, None] - (r @ mu_g)[None, :] + mu_g @ mu_r
+                cross = _nuclear_norm(centred) / np.sqrt((n - 1) * (m - 1))
             else:
+                a, b = g - mu_g, r - mu_r
                 cross = _trace_sqrt_product_eigh(a.T @ a / (n - 1), b.T @ b / (m - 1))
         else:
-            mu_r, tr_r = self.ref_mu, self.ref_trace
-            if n <= dim:
-                inner = a @ self.ref_sigma @ a.T
+            mu_r, tr_r = self.ref_mu, float(np.trace(self.ref_sigma))
+            if self.cheap:
+                # (G - 1 mu^T) S (G - 1 mu^T)^T on the gathered rows, from G S G^T and G S
+                v = self.gen_sigma[idx] @ mu_g
+                inner = self.inner[np.ix_(idx, idx)] - v[:, None] - v[None, :] + mu_g @ self.ref_sigma @ mu_g
                 lam = np.linalg.eigvalsh((inner + inner.T) / 2)
                 cross = float(np.sqrt(np.clip(lam, 0.0, None)).sum() / np.sqrt(n - 1))
             else:
+                a = g - mu_g
                 root = self._root()
                 inner = root @ (a.T @ a / (n - 1)) @ root
                 cross = float(np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0.0, None)).sum())
         diff = mu_g - mu_r
         return float(diff @ diff + tr_g + tr_r - 2.0 * cross)
 
+    def point(self) -> float:
+        """The FID of all rows against the whole reference."""
+        return self.fid(np.arange(self.n), None if self.m is None else np.arange(self.m))
+
 
 def fid_value(gen: np.ndarray, ref: BootstrapReference) -> float:
     """The FID of features ``[N, D]`` against the whole reference (the point estimate of the rounds)."""
-    return _FidRound(ref)(_features(gen, "gen", ref.stats.dim), ref.features)
+    return _Rounds(_features(gen, "gen", ref.stats.dim), ref).point()
 
 
 def _check(rounds: int, level: float) -> None:
@@ -214,15 +252,15 @@ def fid_interval(gen: np.ndarray, ref: BootstrapReference, labels: Optional[np.n
     """
     _check(rounds, level)
     gen = _features(gen, "gen", ref.stats.dim)
-    fid = _FidRound(ref)
+    fid = _Rounds(gen, ref)
     strata = _strata(labels, len(gen))
     ref_strata = _strata(ref.labels, len(ref.features)) if ref.features is not None else None
     rng = np.random.default_rng(seed)
     values = np.empty(rounds)
     for r in range(rounds):
-        ref_rows = ref.features[stratified_draw(ref_strata, rng)] if ref_strata is not None else None
-        values[r] = fid(gen[stratified_draw(strata, rng)], ref_rows)
-    return _summary(fid(gen, ref.features), values, rounds, level, seed, ref)
+        ridx = stratified_draw(ref_strata, rng) if ref_strata is not None else None
+        values[r] = fid.fid(stratified_draw(strata, rng), ridx)
+    return _summary(fid.point(), values, rounds, level, seed, ref)
 
 
 def fid_difference_interval(gen_a: np.ndarray, gen_b: np.ndarray, ref: BootstrapReference,
@@ -246,15 +284,15 @@ def fid_difference_interval(gen_a: np.ndarray, gen_b: np.ndarray, ref: Bootstrap
     paired = len(gen_a) == len(gen_b) and (
         (labels_a is None and labels_b is None)
         or (labels_a is not None and labels_b is not None and np.array_equal(labels_a, labels_b)))
-    fid = _FidRound(ref)
+    fid_a, fid_b = _Rounds(gen_a, ref), _Rounds(gen_b, ref)
     strata_a, strata_b = _strata(labels_a, len(gen_a)), _strata(labels_b, len(gen_b))
     ref_strata = _strata(ref.labels, len(ref.features)) if ref.features is not None else None
     rng = np.random.default_rng(seed)
     values = np.empty(rounds)
     for r in range(rounds):
-        ref_rows = ref.features[stratified_draw(ref_strata, rng)] if ref_strata is not None else None
+        ridx = stratified_draw(ref_strata, rng) if ref_strata is not None else None
         idx_a = stratified_draw(strata_a, rng)
         idx_b = idx_a if paired else stratified_draw(strata_b, rng)
-        values[r] = fid(gen_a[idx_a], ref_rows) - fid(gen_b[idx_b], ref_rows)
-    point = fid(gen_a, ref.features) - fid(gen_b, ref.features)
+        values[r] = fid_a.fid(idx_a, ridx) - fid_b.fid(idx_b, ridx)
+    point = fid_a.point() - fid_b.point()
     return _summary(point, values, rounds, level, seed, ref, paired=paired)
