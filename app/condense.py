@@ -110,6 +110,9 @@ def score_settings(cfg: D2CConfig, listing: Listing, scorer: str) -> dict[str, A
         "seed": cfg.score.seed,
         "shard_rows": cfg.score.shard_rows,
         "forward_rows": cfg.score.forward_rows,
+        # Only when not the default, so that run directories scored before the keys existed still match.
+        **({"precision": cfg.score.precision} if cfg.score.precision != "fp32" else {}),
+        **({"compile": cfg.score.compile} if cfg.score.compile != "off" else {}),
     }
 
 
@@ -278,6 +281,8 @@ class ScoreActor:
         from d2c.diffusion.ddpm import DDPMSchedule
         from d2c.select.score import stratified_timesteps
         from d2c.select.scorer import load_scorer
+        from d2c.train.compile import compile_blocks
+        from d2c.train.precision import autocast_model_fn
 
         cfg = build_config(cfg_dict)
         self.cfg = cfg
@@ -285,6 +290,8 @@ class ScoreActor:
         if self.device == "cpu":
             torch.set_num_threads(max(1, int(cfg.score.num_cpus)))
         self.scorer = load_scorer(scorer_spec, self.device)
+        compile_blocks(self.scorer.model.blocks, cfg.score.compile)
+        self.model_fn = autocast_model_fn(self.scorer.model, cfg.score.precision, self.device)
         self.autoencoder = build_autoencoder(cfg, self.device)
         d = cfg.diffusion
         self.alphas_cumprod = DDPMSchedule(d.num_timesteps, d.beta_start, d.beta_end).alphas_cumprod
@@ -304,10 +311,27 @@ class ScoreActor:
             z = encode_latents(self.autoencoder, batch["image"][ok], ids, self.cfg.score.seed)
             labels = torch.as_tensor(batch["label"][ok], dtype=torch.long)
             per_t[ok] = difficulty_scores(
-                self.scorer.model, z.to(self.device), labels, ids, self.alphas_cumprod, self.timesteps, self.cfg.score.seed,
+                self.model_fn, z.to(self.device), labels, ids, self.alphas_cumprod, self.timesteps, self.cfg.score.seed,
                 max_forward_batch=self.cfg.score.forward_rows, pad_rows=True,
             ).numpy()
+            check_finite_scores(per_t[ok], ids, self.cfg.score.precision)
         return {**passed_through(batch), "score": per_t.mean(1).astype(np.float64), "score_t": per_t}
+
+
+def check_finite_scores(per_t: np.ndarray, image_ids: list[str], precision: str) -> None:
+    """Refuse non-finite losses ``[B, T]`` (an fp16 overflow, or a broken scorer) naming the fix:
+    a NaN would sort anywhere and silently corrupt the selection."""
+    bad = ~np.isfinite(per_t).all(axis=1)
+    if not bad.any():
+        return
+    first = image_ids[int(np.flatnonzero(bad)[0])]
+    if precision == "fp16":
+        fix = ("fp16 overflowed inside the scorer: score into a new run_dir with score.precision=bf16 (fp32's range) "
+               "or fp32 (score shards already written are kept, but other settings are refused in the same run_dir)")
+    else:
+        fix = "the scorer itself produces inf/NaN: check the score.scorer checkpoint"
+    raise ConfigError(f"score: the scorer gave non-finite losses for {int(bad.sum())} image(s) (first: {first!r}) "
+                      f"at score.precision={precision}; {fix}")
 
 
 def _write_score_shard(run: RunDir, shard: int, cols: dict[str, np.ndarray], bad: np.ndarray) -> None:

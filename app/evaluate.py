@@ -252,7 +252,7 @@ def sampling_plan(cfg: D2CConfig, meta: dict[str, Any]):
     try:
         return SamplingPlan(meta, sampler=e.sampler, steps=e.steps, cfg_scale=e.cfg_scale, guidance_interval=e.guidance_interval,
                             seed=e.seed, batch_size=e.batch_size, clip_denoised=e.clip_denoised,
-                            pixel_space=cfg.autoencoder.kind == "identity")
+                            pixel_space=cfg.autoencoder.kind == "identity", precision=e.precision)
     except SamplingError as err:
         raise ConfigError(str(err)) from None
 
@@ -324,7 +324,7 @@ class SampleActor:
         self.sampler = ClassBalancedSampler(
             model, meta, sampler=e.sampler, steps=e.steps, cfg_scale=e.cfg_scale, guidance_interval=e.guidance_interval,
             seed=e.seed, batch_size=e.batch_size, text=text, autoencoder=build_autoencoder(cfg, device),
-            clip_denoised=e.clip_denoised, device=device,
+            clip_denoised=e.clip_denoised, precision=e.precision, device=device,
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -768,6 +768,8 @@ def eval_settings(cfg: D2CConfig, ckpt: Location, meta: dict[str, Any], text_pat
         "extractor_id": extractor_id,
         "fid_method": e.fid_method,
         "grid_per_class": e.grid_per_class,
+        # Only when not fp32, so that EVAL directories written before the key existed still match.
+        **({"precision": e.precision} if e.precision != "fp32" else {}),
     }
 
 

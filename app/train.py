@@ -286,6 +286,7 @@ def train_loop_per_worker(config: dict) -> None:
             do_ckpt = trainer.step % cfg.train.ckpt_every == 0 or last
             if do_log or do_ckpt:
                 now = time.perf_counter()
+                metrics = {k: float(v) for k, v in metrics.items()}  # with train.sync_free: the one host sync
                 metrics.update(epoch=epoch, images_per_s=imgs / max(now - t_last, 1e-9), skipped_steps=trainer.skipped_steps)
                 t_last, imgs = now, 0
                 if rank == 0:

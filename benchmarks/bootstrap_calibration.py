@@ -95,7 +95,7 @@ def main() -> None:
           f"{args.trials} fresh draws, {args.checks} checked draws x {args.rounds} rounds, level {args.level}; "
           f"{seconds:.0f} s\n")
     print("| quantity | true mean | true std (fresh draws) | bootstrap std (mean of checks) | ratio | "
-          f"interval holds the true mean | rounds' shift above the point |")
+          "interval holds the true mean | rounds' shift above the point |")
     print("|---|---|---|---|---|---|---|")
     print(f"| FID(a) | {mean_a:.4f} | {std_a:.4f} | {np.mean(est_a):.4f} | {np.mean(est_a) / std_a:.2f} | "
           f"{cover_a}/{args.checks} | {np.mean(shift_a):+.4f} |")

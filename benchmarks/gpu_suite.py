@@ -29,16 +29,18 @@ with the arithmetic behind each). The fastest variant of a case is starred and i
 training grid and the projection use ("keep the ones that pay").
 
   scoring: ``real`` (d2c.select.score.difficulty_scores with app/condense.py's arguments, eager,
-           the scorer under bf16 autocast over fp32 weights; opt-in ``fp32``: no autocast, as
-           app/condense.py runs it today) · ``pipe`` (the same math via scores_from_noise, the
+           the scorer wrapped as app/condense.py's ScoreActor wraps it for ``score.precision=bf16``
+           (configs/imagenet256.yaml): bf16 autocast over fp32 weights,
+           d2c.train.precision.autocast_model_fn; opt-in ``fp32``: ``score.precision=fp32``) ·
+           ``pipe`` (the same math via scores_from_noise, the
            per-image noise drawn one batch ahead in a thread into pinned memory, copied on a
            side stream, losses left on the device: no host sync per batch) · ``cast`` (weights
            cast to bf16, no autocast) · ``fused`` (fused adaLN: SiLU(c) once, every block's
            modulation in one GEMM, modulate and gated residuals as single addcmul passes) ·
            ``compile`` (torch.compile of the transformer block, compiled once for all blocks).
-  train:   ``trainer`` (the real d2c Trainer.train_step) · ``nosync`` (the same objective,
-           Precision and EMA, with fused AdamW reading the GradScaler's inf flag on the device,
-           the grad norm and skip decision kept on the device, EMA by one foreach lerp: no host
+  train:   ``trainer`` (the real d2c Trainer.train_step) · ``nosync`` (the same Trainer with
+           ``train.sync_free``: fused AdamW reading the GradScaler's inf flag on the device, the
+           grad norm and skip decision kept on the device, EMA by one foreach lerp: no host
            sync in the step) · ``prefetch`` (pinned-memory prefetch of the next batch) ·
            ``fused`` · ``compile``. All variants run at the ablation point (``--ablate-at``,
            64:bf16); the other (batch, precision) points run the baseline and the fastest.
@@ -122,10 +124,10 @@ from d2c.diffusion.ddpm import DDPMSchedule  # noqa: E402
 from d2c.models.dit import DIT_CONFIGS, FREQUENCY_EMBEDDING_SIZE, NORM_EPS, DCEmbedding, DiT, DiTOutput  # noqa: E402
 from d2c.models.encoders.autoencoder import SD_VAE_SCALING_FACTOR  # noqa: E402
 from d2c.select.score import difficulty_scores, image_noise, scores_from_noise, stratified_timesteps  # noqa: E402
-from d2c.train.ema import EMA  # noqa: E402
-from d2c.train.objective import ARCH_SIT, D2CObjective, unwrap  # noqa: E402
-from d2c.train.precision import Precision  # noqa: E402
-from d2c.train.trainer import CondensedBatches, Trainer, worker_seed  # noqa: E402
+from d2c.train.objective import ARCH_SIT, D2CObjective  # noqa: E402
+from d2c.train.compile import compile_options, compiled_blocks, configure_dynamo  # noqa: E402
+from d2c.train.precision import autocast_model_fn  # noqa: E402
+from d2c.train.trainer import CondensedBatches, Trainer  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # The paper's setting (METHOD.md, configs/imagenet256.yaml)
@@ -198,8 +200,6 @@ PREFETCH_DEPTH = 2
 PREFETCH_POLL_S = 0.05
 #: Scoring chunks are halved on OOM down to this many rows.
 MIN_SCORE_CHUNK = 64
-#: Dynamo's per-function recompile cap, raised so a shape change never falls back to eager.
-DYNAMO_RECOMPILE_LIMIT = 64
 BYTES_PER_GIB = 2**30
 #: Seed of every random draw of the suite.
 SEED = 0
@@ -219,8 +219,8 @@ BASELINE_NAMES = {"scoring": "real", "train": "trainer", "vae": "fp32", "dino": 
 #: variant is compiled. The reasoning:
 PREDICTED_GAINS: dict[str, dict[str, float]] = {
     "scoring": {
-        # Opt-in (not in the defaults: ≈30 s): the scorer in fp32 without autocast, as
-        # app/condense.py runs it today; plain fp32 matmuls run at ≈1/15 of the bf16 rate.
+        # Opt-in (not in the defaults: ≈30 s): the scorer in fp32 without autocast
+        # (score.precision=fp32); plain fp32 matmuls run at ≈1/15 of the bf16 rate.
         "fp32": 0.1,
         # Host: 256·8·4096 normal draws (≈50 ms) + 34 MB pageable copy + a .cpu() sync per
         # batch, against ≈1.2 s of device work per batch (486 TFLOP at ≈50% MFU): ≈4%.
@@ -416,44 +416,8 @@ def peak_memory_gib(device: torch.device) -> Optional[float]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Speed helpers: regional compile, host prefetch
+# Speed helpers: host prefetch (regional compile: d2c.train.compile)
 # ----------------------------------------------------------------------------------------------
-
-
-def configure_dynamo() -> None:
-    """Raise Dynamo's recompile cap and make hitting it an error, not a silent eager fallback."""
-    cfg = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(cfg, name):
-            setattr(cfg, name, max(getattr(cfg, name), DYNAMO_RECOMPILE_LIMIT))
-    if hasattr(cfg, "fail_on_recompile_limit_hit"):
-        cfg.fail_on_recompile_limit_hit = True
-
-
-def compile_options(backend: str, mode: Optional[str]) -> dict[str, Any]:
-    opts: dict[str, Any] = dict(backend=backend)
-    if backend == "inductor" and mode:
-        opts["mode"] = mode
-    return opts
-
-
-@contextlib.contextmanager
-def regional_compile(modules: Sequence[nn.Module], fullgraph: bool, **options: Any) -> Iterator[None]:
-    """``torch.compile`` each module (identical blocks share one compiled graph); undone on exit.
-
-    Dynamo treats the modules' parameters as inputs, so compiling N identical blocks costs
-    one compile per input shape and dtype, not N. Its cache outlives the context (the suite
-    resets Dynamo between cases only), so a later variant or grid point with the same
-    shapes reuses the graph, and a batch-size change recompiles with only the batch
-    dimension dynamic (Dynamo's automatic dynamic shapes).
-    """
-    for module in modules:
-        module.compile(fullgraph=fullgraph, **options)
-    try:
-        yield
-    finally:
-        for module in modules:
-            module._compiled_call_impl = None  # nn.Module.compile's slot: back to eager calls
 
 
 _FAILED = object()
@@ -920,11 +884,6 @@ class Ctx:
             row.status, row.note = "skipped", note
         return bool(note)
 
-    def autocast(self, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
-        if dtype is None or dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
-
     def mfu(self, flops_per_s: float) -> Optional[float]:
         return flops_per_s / self.peak_flops if self.peak_flops > 0 else None
 
@@ -1081,12 +1040,13 @@ class PipelinedScorer:
         self.prefetch.close()
 
 
-def scorer_fn(model: nn.Module, ctx: Ctx, autocast: Optional[torch.dtype], in_dtype: torch.dtype):
-    """ε_θ(x, t, y) for ``scores_from_noise``: inputs cast to the weights' dtype, optional autocast."""
+def scorer_fn(model: nn.Module, ctx: Ctx, precision: Optional[str], in_dtype: torch.dtype):
+    """ε_θ(x, t, y) for ``scores_from_noise``: inputs cast to the weights' dtype; ``precision`` (a
+    ``score.precision`` value) wraps the model as the ScoreActor does; None = no autocast (cast weights)."""
+    net = autocast_model_fn(model, precision, ctx.device.type) if precision else model
 
     def fn(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        with ctx.autocast(autocast):
-            return model(x.to(in_dtype), t, y)
+        return net(x.to(in_dtype), t, y)
 
     return fn
 
@@ -1115,14 +1075,14 @@ def case_scoring(ctx: Ctx) -> list[Row]:
             continue
 
         def measure(row: Row, v: Variant = v) -> None:
-            if "fp32" in v.features:  # the scorer as app/condense.py runs it: fp32, no autocast
-                model, autocast, in_dtype = net, None, torch.float32
+            if "fp32" in v.features:  # score.precision=fp32: no autocast
+                model, precision, in_dtype = net, "fp32", torch.float32
             elif "cast" in v.features:
                 if "net" not in lowp:
                     lowp["net"] = copy.deepcopy(net).to(ctx.dtype)
-                model, autocast, in_dtype = lowp["net"], None, ctx.dtype
-            else:
-                model, autocast, in_dtype = net, ctx.dtype, torch.float32
+                model, precision, in_dtype = lowp["net"], None, ctx.dtype
+            else:  # score.precision = the suite's dtype (bf16 on CUDA), as the ScoreActor runs it
+                model, precision, in_dtype = net, a.dtype, torch.float32
             compiled = "compile" in v.features
             stack = contextlib.ExitStack()
             if "fused" in v.features:
@@ -1131,8 +1091,8 @@ def case_scoring(ctx: Ctx) -> list[Row]:
             else:
                 runner = model
                 if compiled:
-                    stack.enter_context(regional_compile(model.blocks, fullgraph=True, **ctx.compile))
-            fn = scorer_fn(runner, ctx, autocast, in_dtype)
+                    stack.enter_context(compiled_blocks(model.blocks, a.compile_backend, True, a.compile_mode))
+            fn = scorer_fn(runner, ctx, precision, in_dtype)
             chunk = min(a.score_chunk or batch * t_count, batch * t_count)
             notes = []
             with stack:
@@ -1180,79 +1140,11 @@ def time_scoring(ctx: Ctx, v: Variant, fn, latents, labels, ids, alphas_cumprod,
 # ----------------------------------------------------------------------------------------------
 
 
-def train_settings(precision: str) -> SimpleNamespace:
+def train_settings(precision: str, sync_free: bool = False) -> SimpleNamespace:
     """The fields of ``cfg.train`` that :class:`Trainer` reads (d2c.config needs pydantic, which
     the GPU machine lacks; the values are configs/imagenet256.yaml's)."""
     return SimpleNamespace(lr=LR, beta1=BETA1, beta2=BETA2, weight_decay=WEIGHT_DECAY, precision=precision,
-                           clip_norm=CLIP_NORM, ema_decay=EMA_DECAY, seed=SEED)
-
-
-class SyncFreeStep:
-    """The training step of :meth:`Trainer.train_step` with no host synchronisation.
-
-    Built from the same d2c pieces as the Trainer: :class:`D2CObjective` (the loss, its RNG
-    draws from a device generator), :class:`Precision` (autocast and the GradScaler), AdamW and
-    :class:`EMA`. What differs, and why it never waits for the device:
-
-    * AdamW is ``fused=True``: one kernel set, and the GradScaler hands it its inf flag as a
-      device tensor (``found_inf``) instead of reading it with ``.item()``.
-    * The grad norm stays a device tensor; a non-finite norm skips the update on the device
-      (bf16/fp32: through fused AdamW's ``found_inf``; fp16: the scaler's own flag), exactly
-      when the Trainer would skip it.
-    * The EMA moves by one foreach lerp whose weight is ``(1 − decay)·(1 − skipped)``, so a
-      skipped step leaves it alone as in :meth:`EMA.update`.
-    * The loss terms are returned as device tensors; nothing is converted to floats.
-    """
-
-    def __init__(self, model: nn.Module, objective: D2CObjective, train: SimpleNamespace, device: torch.device):
-        self.device = torch.device(device)
-        self.model = model
-        self.net = unwrap(model)
-        self.objective = objective
-        self.params = [p for p in self.net.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=train.lr, betas=(train.beta1, train.beta2),
-                                           weight_decay=train.weight_decay, fused=True)
-        self.precision = Precision(train.precision, self.device.type)
-        self.max_norm = train.clip_norm if train.clip_norm > 0 else math.inf
-        self.ema = EMA(self.net, train.ema_decay)
-        live = dict(self.net.named_parameters())
-        names = [n for n, _ in self.ema.model.named_parameters()]
-        self.ema_params = [p for _, p in self.ema.model.named_parameters()]
-        self.live_params = [live[n].detach() for n in names]
-        live_buffers = dict(self.net.named_buffers())
-        self.ema_buffers = [(b, live_buffers[n]) for n, b in self.ema.model.named_buffers()]
-        self.ema_decay = float(train.ema_decay)
-        self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(worker_seed(train.seed, 0))
-        self.skipped = torch.zeros((), device=self.device)
-        self.step = 0
-
-    def __call__(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """One update on a device batch (the keys of :meth:`D2CObjective.loss_at`); returns device loss terms."""
-        self.model.train()
-        with self.precision.autocast():
-            terms = self.objective(self.model, batch, self.generator)
-        scaler = self.precision.scaler
-        scaler.scale(terms["loss"]).backward()
-        scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
-        bad = (~torch.isfinite(norm)).to(torch.float32)  # [] 1.0 where the step is skipped
-        if scaler.is_enabled():
-            scaler.step(self.optimizer)  # fused AdamW: the scaler passes found_inf on the device
-            scaler.update()
-        else:
-            self.optimizer.found_inf = bad  # fused AdamW leaves the weights alone where it is 1
-            self.optimizer.step()
-        weight = (1.0 - self.ema_decay) * (1.0 - bad)
-        with torch.no_grad():
-            torch._foreach_lerp_(self.ema_params, self.live_params, [weight] * len(self.ema_params))
-            for ema_b, live_b in self.ema_buffers:
-                ema_b.copy_(live_b)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.skipped += bad
-        self.step += 1
-        terms = dict(terms, grad_norm=norm, skipped=bad)
-        return terms
+                           clip_norm=CLIP_NORM, ema_decay=EMA_DECAY, seed=SEED, sync_free=sync_free)
 
 
 def synthetic_condensed(ctx: Ctx, rows: int) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
@@ -1339,9 +1231,9 @@ def measure_train(ctx: Ctx, row: Row, v: Variant, net: DiT, objective: D2CObject
             else:
                 model = net
             # Built before the blocks are compiled: the EMA's deep copy must be plain modules.
-            stepper = SyncFreeStep(model, objective, train_settings(precision), ctx.device)
+            trainer = Trainer(model, objective, train_settings(precision, sync_free=True), device=ctx.device)
             if compiled and "fused" not in v.features:
-                stack.enter_context(regional_compile(net.blocks, fullgraph=True, **ctx.compile))
+                stack.enter_context(compiled_blocks(net.blocks, a.compile_backend, True, a.compile_mode))
             if "prefetch" in v.features:
                 prefetch = HostPrefetcher(loader.next_batch, ctx.device)
                 stack.callback(prefetch.close)
@@ -1350,9 +1242,9 @@ def measure_train(ctx: Ctx, row: Row, v: Variant, net: DiT, objective: D2CObject
                 get = lambda: {k: t.to(ctx.device, non_blocking=True) for k, t in loader.next_batch().items()}  # noqa: E731
 
             def step() -> Any:
-                return stepper(get())
+                return trainer.train_step(get())
 
-            skipped = lambda: int(stepper.skipped.item())  # noqa: E731 (read after the timed loop)
+            skipped = lambda: trainer.skipped_steps  # noqa: E731 (read after the timed loop)
         sec = time_loop(step, a.train_warmup, a.train_iters, ctx.device)
         last = step()
         loss = float(last["loss"].detach()) if isinstance(last["loss"], Tensor) else float(last["loss"])
@@ -1494,7 +1386,7 @@ def case_dino(ctx: Ctx) -> list[Row]:
             with torch.no_grad(), stack:
                 flops = counted_flops(lambda: tokens(x[:1]))
                 if "compile" in v.features:
-                    stack.enter_context(regional_compile(dino_layers(model), fullgraph=False, **ctx.compile))
+                    stack.enter_context(compiled_blocks(dino_layers(model), a.compile_backend, False, a.compile_mode))
                 reset_peak_memory(ctx.device)
                 sec = time_loop(lambda: tokens(x), a.enc_warmup, a.enc_iters, ctx.device)
             row.images_per_s = a.dino_batch / sec

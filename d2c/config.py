@@ -15,12 +15,29 @@ import copy
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from d2c.select.methods import FEATURE_METHODS
+
+#: Numerical precision of a network's forward pass: float32, or bf16/fp16 autocast
+#: (d2c.train.precision; weights stay float32, the network's output is cast back to float32).
+PrecisionMode = Literal["fp32", "bf16", "fp16"]
+
+
+def _compile_flag(value: Any) -> Any:
+    """YAML reads an unquoted ``off`` / ``on`` / ``false`` / ``true`` as a bool: map it to the names."""
+    if isinstance(value, bool):
+        return "inductor" if value else "off"
+    return value
+
+
+#: torch.compile of the transformer blocks (d2c.train.compile): "off", "inductor" (compiled
+#: kernels: the GPU setting; true means this), or "aot_eager" (graph capture only: checks that
+#: it compiles).
+CompileBackend = Annotated[Literal["off", "inductor", "aot_eager"], BeforeValidator(_compile_flag)]
 
 #: Latent scaling factor of the Stable Diffusion VAE (METHOD.md, Select).
 SD_VAE_SCALING = 0.18215
@@ -112,6 +129,13 @@ class ScoreConfig(_Section):
     reuse_from: Optional[str] = None
     #: Steps to train the embedded scorer when ``scorer`` is None.
     scorer_train_steps: int = Field(2000, ge=1)
+    #: The scorer's forward pass: fp32, or bf16/fp16 autocast (tensor-core rate on a GPU; on a
+    #: CPU without native bf16/fp16 it is slower). Part of the scores' settings: changing it
+    #: against a scored run directory is refused. Agreement with fp32: BENCHMARKS.md.
+    precision: PrecisionMode = "fp32"
+    #: torch.compile of the scorer's blocks in each scoring actor (compiled at its first batch).
+    #: Part of the scores' settings, like ``precision``.
+    compile: CompileBackend = "off"
 
     @model_validator(mode="after")
     def _pool(self) -> "ScoreConfig":
@@ -242,7 +266,14 @@ class TrainConfig(_Section):
     beta2: float = Field(0.999, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     #: fp32 (CPU default), bf16, or fp16 with a GradScaler.
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: PrecisionMode = "fp32"
+    #: torch.compile of the transformer blocks, forward and backward (compiled at the first
+    #: step, about a minute on a GPU; checkpoints keep the eager parameter names).
+    compile: CompileBackend = "off"
+    #: A step that never waits for the device: fused AdamW, the skip decision (non-finite grad
+    #: norm) and the EMA kept on the device; losses read back only at log steps. Same updates
+    #: as the default step up to float rounding (tests/test_train_core.py).
+    sync_free: bool = False
     #: Gradient clipping max norm (0 = off).
     clip_norm: float = Field(1.0, ge=0)
     ema_decay: float = Field(0.9999, ge=0, le=1)
@@ -315,6 +346,9 @@ class EvalConfig(_Section):
     bootstrap_level: float = Field(DEFAULT_BOOTSTRAP_LEVEL, gt=0.0, lt=1.0)
     #: Samples per class shown in ``EVAL/grids/`` (per-class grids and the overview).
     grid_per_class: int = Field(16, ge=1)
+    #: The sampled network's forward pass: fp32 (as DiT/SiT/ADM sample for published FIDs), or
+    #: bf16/fp16 autocast (the sampler's arithmetic stays float32). Part of the EVAL settings.
+    precision: PrecisionMode = "fp32"
     #: Sampling actors: pool size and GPUs per actor.
     min_actors: int = Field(1, ge=1)
     max_actors: int = Field(1, ge=1)

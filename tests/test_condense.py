@@ -1,12 +1,10 @@
 """`d2c condense` on Ray Data, end to end on real Fashion-MNIST rows (tiny sizes)."""
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -77,6 +75,59 @@ def test_rerun_is_a_noop_and_changed_scoring_is_refused(condensed_run, capsys, s
     assert before == {p: p.read_bytes() for p in sorted(RunDir(run).scores.glob("*.parquet"))}
     with pytest.raises(ConfigError, match="num_timesteps: 2 -> 3"):
         run_condense(_cfg(run, scorer_ckpt, "score.num_timesteps=3"))
+
+
+def _decoded_batch(rows, rejects=None):
+    """Fashion-MNIST records as the decode stage hands them to the scoring actors (padded to 32 px)."""
+    from d2c.data.preprocess import pad_to
+
+    n = len(rows)
+    return dict(pos=np.arange(n), shard=np.zeros(n, np.int64), image_id=np.array([r["image_id"] for r in rows], object),
+                label=np.array([r["label"] for r in rows]), reject=np.array(rejects or [""] * n, object),
+                image=np.stack([pad_to(r["image"], 32) for r in rows]))
+
+
+def test_score_precision_and_compile_keep_the_scores_and_are_part_of_the_settings(condensed_run, scorer_ckpt):
+    """score.precision=bf16 runs the scorer under autocast (fp32 = exactly the scores on disk);
+    score.compile compiles its blocks (aot_eager here: capture without code generation)."""
+    from app.condense import ScoreActor
+    from d2c.data.fashion_mnist import list_fashion_mnist
+
+    run, cfg = condensed_run
+    batch = _decoded_batch(list_fashion_mnist(None, "train", 12)[:48])
+    fp32 = ScoreActor(cfg.to_dict(), scorer_ckpt)(batch)
+    on_disk = pd.read_parquet(RunDir(run).scores).set_index("image_id").loc[list(batch["image_id"]), "score"]
+    np.testing.assert_array_equal(fp32["score"], on_disk.to_numpy())
+    bf16 = ScoreActor(_cfg(run, scorer_ckpt, "score.precision=bf16").to_dict(), scorer_ckpt)(batch)
+    assert bf16["score_t"].dtype == np.float32 and np.isfinite(bf16["score_t"]).all()
+    assert not np.array_equal(bf16["score_t"], fp32["score_t"])  # autocast took effect
+    rel = np.abs(bf16["score"] - fp32["score"]) / fp32["score"]
+    assert rel.max() < 0.02, rel.max()
+    rank = lambda v: np.argsort(np.argsort(v))  # noqa: E731
+    assert np.corrcoef(rank(bf16["score"]), rank(fp32["score"]))[0, 1] > 0.99  # Spearman
+    with pytest.raises(ConfigError, match="precision: None -> 'bf16'"):
+        run_condense(_cfg(run, scorer_ckpt, "score.precision=bf16"))
+    compiled = ScoreActor(_cfg(run, scorer_ckpt, "score.compile=aot_eager").to_dict(), scorer_ckpt)
+    assert all(b._compiled_call_impl is not None for b in compiled.scorer.model.blocks)
+    np.testing.assert_allclose(compiled(batch)["score_t"], fp32["score_t"], rtol=1e-5)
+    with pytest.raises(ConfigError, match="compile: None -> 'aot_eager'"):
+        run_condense(_cfg(run, scorer_ckpt, "score.compile=aot_eager"))
+
+
+def test_fp16_overflow_in_the_scorer_is_refused_naming_the_fix(scorer_ckpt, tmp_path):
+    """Outputs beyond fp16's range (65504) give inf under fp16 autocast: refused, not written as NaN scores."""
+    from app.condense import ScoreActor
+    from d2c.data.fashion_mnist import list_fashion_mnist
+
+    model, meta = load_model(scorer_ckpt)
+    with torch.no_grad():
+        model.final_layer.linear.weight.mul_(1e6)  # fp32 outputs ~1e5, squared losses ~1e10: finite
+    big = str(save_checkpoint(tmp_path / "checkpoints", 0, model, model, {"step": 0}, meta))
+    batch = _decoded_batch(list_fashion_mnist(None, "train", 1)[:4], rejects=["", "", "", "bad"])
+    fp32 = ScoreActor(_cfg(tmp_path / "a", big).to_dict(), big)(batch)
+    assert np.isfinite(fp32["score_t"][:3]).all() and np.isnan(fp32["score_t"][3]).all()  # the reject stays NaN
+    with pytest.raises(ConfigError, match=r"non-finite losses for 3 image\(s\).*score.precision=fp16; fp16 overflowed.*bf16"):
+        ScoreActor(_cfg(tmp_path / "b", big, "score.precision=fp16").to_dict(), big)(batch)
 
 
 def test_deterministic_across_actors_batches_and_a_killed_run(condensed_run, scorer_ckpt, tmp_path):

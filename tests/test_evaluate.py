@@ -120,6 +120,21 @@ def test_ddim_sampling_is_deterministic_balanced_and_split_independent(dit):
     assert np.abs(other_bs.astype(int) - images).max() <= 1
 
 
+def test_bf16_sampling_stays_close_to_fp32_and_is_recorded(dit):
+    model, meta = dit
+    n = 20
+    fp32, labels = sample_class_balanced(model, meta, n, NUM_CLASSES, "ddim", STEPS, seed=3, batch_size=10)
+    bf16, labels_b = sample_class_balanced(model, meta, n, NUM_CLASSES, "ddim", STEPS, seed=3, batch_size=10,
+                                           precision="bf16")
+    assert np.array_equal(labels, labels_b) and bf16.shape == fp32.shape and bf16.dtype == np.uint8
+    diff = np.abs(bf16.astype(int) - fp32)
+    assert diff.max() > 0 and diff.mean() < 2.0, (diff.max(), diff.mean())  # rounded, same images
+    runner = ClassBalancedSampler(model, meta, sampler="ddim", steps=STEPS, seed=3, batch_size=10, precision="bf16")
+    assert runner.describe()["precision"] == "bf16" and np.array_equal(runner.sample(np.arange(n))[0], bf16)
+    with pytest.raises(SamplingError, match="eval.precision='fp8'"):
+        ClassBalancedSampler(model, meta, sampler="ddim", steps=STEPS, precision="fp8")
+
+
 def test_cfg_scale_one_equals_plain_sampling_through_the_library(dit):
     """Our sampler at CFG 1 (through the CFG wrapper) == d2c.diffusion.ddim_sample on the bare model."""
     model, meta = dit
@@ -331,6 +346,8 @@ def test_evaluate_end_to_end(ray_session, tiny_train, tmp_path, monkeypatch, cap
     # Other settings into the same directory are refused.
     assert main(_eval_args(tiny_train / "train", out, "eval.seed=5")) == 2
     assert "eval_dir" in capsys.readouterr().err
+    assert main(_eval_args(tiny_train / "train", out, "eval.precision=bf16")) == 2
+    assert "precision: None -> 'bf16'" in capsys.readouterr().err
 
 
 def _check_compare(out, tmp_path, capsys):

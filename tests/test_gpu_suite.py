@@ -7,7 +7,6 @@ import math
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,7 +22,6 @@ _spec.loader.exec_module(gs)
 from d2c.diffusion.ddpm import DDPMSchedule  # noqa: E402
 from d2c.select.score import difficulty_scores, stratified_timesteps  # noqa: E402
 from d2c.train.objective import ARCH_SIT, D2CObjective  # noqa: E402
-from d2c.train.trainer import Trainer  # noqa: E402
 
 #: Relative agreement required of the analytic DiT count and torch's FlopCounterMode (they
 #: count the same matmuls, so they should agree exactly; this allows for rounding only).
@@ -179,40 +177,6 @@ def test_fused_adaln_forward_is_the_dit_forward():
     scorer = gs.build_dit(gs.tiny_sizes().scorer, torch.device("cpu")).eval()
     with torch.no_grad():
         torch.testing.assert_close(gs.FusedAdaLNDiT(scorer)(x, t * 999, y), scorer(x, t * 999, y), rtol=1e-5, atol=1e-5)
-
-
-def _tiny_batch(kw, n, seed):
-    g = torch.Generator().manual_seed(seed)
-    tokens = (kw["input_size"] // kw["patch_size"]) ** 2
-    return dict(latent=torch.randn(n, kw["in_channels"], kw["input_size"], kw["input_size"], generator=g),
-                label=torch.randint(0, kw["num_classes"], (n,), generator=g),
-                visual=torch.randn(n, tokens, kw["proj_dim"], generator=g).half(),
-                text_emb=torch.randn(n, kw["text_len"], kw["text_dim"], generator=g),
-                text_mask=torch.ones(n, kw["text_len"], dtype=torch.long))
-
-
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_sync_free_step_is_the_trainer_step(precision):
-    kw = tiny_model_kwargs()
-    settings = SimpleNamespace(**vars(gs.train_settings(precision)))
-    settings.ema_decay = 0.5  # so the EMA visibly moves
-    objective = D2CObjective(ARCH_SIT, None, proj_coeff=gs.PROJ_COEFF)
-    cpu = torch.device("cpu")
-    trainer = Trainer(gs.build_dit(kw, cpu), objective, settings, device=cpu)
-    fast = gs.SyncFreeStep(gs.build_dit(kw, cpu), objective, settings, cpu)
-    bad = _tiny_batch(kw, 4, 2)
-    bad["latent"][0] = float("inf")
-    for i, batch in enumerate([_tiny_batch(kw, 4, 0), _tiny_batch(kw, 4, 1), bad]):
-        ref = trainer.train_step(batch)
-        got = fast(batch)
-        assert bool(got["skipped"]) == bool(ref["skipped"]) == (i == 2)
-        if i < 2:
-            assert float(got["loss"].detach()) == pytest.approx(ref["loss"], rel=1e-5)
-    assert int(fast.skipped) == trainer.skipped_steps == 1
-    for (name, p), q in zip(trainer.module.named_parameters(), fast.net.parameters()):
-        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
-    for p, q in zip(trainer.ema.model.parameters(), fast.ema.model.parameters()):
-        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
 
 
 def test_pipelined_scorer_is_difficulty_scores():

@@ -37,10 +37,13 @@ def test_two_workers_then_resume(condensed_run, tmp_path, capsys):
     assert [m["step"] for m in _metrics(tdir)] == [1, 2, 3, 4]
     first = _metrics(tdir)
     assert all(-1 <= m["loss_proj"] <= 1 and m["loss_proj"] != 0 and m["loss_diff"] > 0 for m in first)  # -cos term is live
-    # rerun with more steps: resumes at step 4 (same optimizer/EMA/RNG state), continues to 6
-    assert run_train(_train_cfg(run, tdir, "train.steps=6", "train.num_workers=2")) == 0
+    # rerun with more steps: resumes at step 4 (same optimizer/EMA/RNG state), continues to 6 —
+    # here with the sync-free step and compiled blocks (the GPU settings; aot_eager on a CPU)
+    assert run_train(_train_cfg(run, tdir, "train.steps=6", "train.num_workers=2", "train.sync_free=true",
+                                "train.compile=aot_eager")) == 0
     assert "resuming at step 4" in capsys.readouterr().out
     assert [m["step"] for m in _metrics(tdir)] == [1, 2, 3, 4, 5, 6]
+    assert all(isinstance(m[k], float) for m in _metrics(tdir)[4:] for k in ("loss", "grad_norm", "skipped"))
     state = load_checkpoint(latest_checkpoint(tdir / "checkpoints"))
     assert state["trainer"]["step"] == 6 and len(state["trainer"]["optimizer"]["state"]) > 0
     # running again at the same target does nothing

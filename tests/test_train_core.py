@@ -3,6 +3,7 @@
 Tiny DiTs (8x8 input, patch 2 -> 16 tokens, hidden 32, depth 2, 2 heads), CPU, seeded.
 """
 
+import copy
 import io
 import json
 import math
@@ -399,6 +400,103 @@ def test_fp16_gradscaler_skips_inf_steps_and_bf16_runs():
     m = bf16.train_step(_batches().next_batch())
     assert m["skipped"] == 0.0 and math.isfinite(m["loss"]) and m["loss_scale"] == 1.0
     assert not torch.equal(w0, bf16.module.final_layer.linear.weight)
+
+
+def test_autocast_model_fn_runs_the_network_in_low_precision_and_returns_float32():
+    from d2c.train.precision import autocast_model_fn
+
+    model = _model(_kwargs(text=False, visual=False)).eval()
+    _randomize(model, seed=1)  # adaLN-Zero would give a zero output
+    g = torch.Generator().manual_seed(3)
+    x, t, y = torch.randn(6, model.in_channels, 8, 8, generator=g), torch.arange(6) * 100, torch.arange(6) % NUM_CLASSES
+    assert autocast_model_fn(model, "fp32", "cpu") is model  # fp32: the network itself, untouched
+    with torch.no_grad():
+        ref = model(x, t, y)
+        for mode, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+            seen = []
+            hook = model.final_layer.linear.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+            out = autocast_model_fn(model, mode, "cpu")(x, t, y)
+            hook.remove()
+            assert seen == [dtype] and out.dtype == torch.float32 and out.shape == ref.shape
+            err = (out - ref).abs().max() / ref.abs().max()
+            assert 0 < err < 0.05, (mode, float(err))  # rounded, not broken
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        autocast_model_fn(model, "fp8", "cpu")
+
+
+def test_compiled_trainer_follows_eager_and_keeps_eager_checkpoint_keys():
+    """train.compile compiles every block in place (aot_eager: Dynamo + AOTAutograd, no codegen)."""
+    from d2c.config import ConfigError, load_config
+
+    eager = Trainer(_model(_kwargs()), _dit_objective(), _train_cfg())
+    comp = Trainer(_model(_kwargs()), _dit_objective(), _train_cfg(compile="aot_eager"))
+    assert eager.compiled_blocks == 0 and comp.compiled_blocks == len(comp.module.blocks) == 2
+    assert all(b._compiled_call_impl is not None for b in comp.module.blocks)
+    assert all(b._compiled_call_impl is None for b in comp.ema.model.blocks)  # the EMA copy stays eager
+    a, b = _batches(), _batches()
+    for _ in range(3):
+        m_eager, m_comp = eager.train_step(a.next_batch()), comp.train_step(b.next_batch())
+        assert m_comp["loss"] == pytest.approx(m_eager["loss"], rel=1e-4)
+    assert list(comp.module.state_dict()) == list(eager.module.state_dict())  # no _orig_mod. prefix
+    for (name, p), q in zip(comp.module.named_parameters(), eager.module.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+    with pytest.raises(ConfigError, match="train.compile"):
+        load_config(None, ["train.compile=fast"])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_sync_free_step_makes_the_default_steps_updates_without_reading_the_device(precision):
+    """train.sync_free: the same updates, skips and EMA as the default step (up to rounding:
+    fused AdamW, an EMA lerp), with device tensors returned instead of floats."""
+    ref = Trainer(_model(_kwargs()), _dit_objective(), _train_cfg(precision=precision, ema_decay=0.5))
+    fast = Trainer(_model(_kwargs()), _dit_objective(), _train_cfg(precision=precision, ema_decay=0.5, sync_free=True))
+    assert fast.optimizer.defaults["fused"] and not ref.optimizer.defaults.get("fused")
+    a, b = _batches(), _batches()
+    for i in range(4):
+        batch_ref, batch_fast = a.next_batch(), b.next_batch()
+        if i == 2:  # an inf input: non-finite gradients, the step is skipped by both
+            for batch in (batch_ref, batch_fast):
+                batch["latent"] = batch["latent"].clone()
+                batch["latent"][0] = float("inf")
+        m_ref, m = ref.train_step(batch_ref), fast.train_step(batch_fast)
+        assert isinstance(m["loss"], torch.Tensor) and m["loss"].dim() == 0 and isinstance(m_ref["loss"], float)
+        assert float(m["skipped"]) == m_ref["skipped"] == float(i == 2)
+        assert float(m["loss_scale"]) == m_ref["loss_scale"]
+        if i != 2:
+            assert float(m["loss"]) == pytest.approx(m_ref["loss"], rel=1e-5)
+            assert float(m["grad_norm"]) == pytest.approx(m_ref["grad_norm"], rel=1e-4)
+    assert fast.skipped_steps == ref.skipped_steps == 1 and fast.step == ref.step == 4
+    assert fast.state_dict()["skipped_steps"] == 1
+    for (name, p), q in zip(ref.module.named_parameters(), fast.module.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+    for (name, p), q in zip(ref.ema.model.named_parameters(), fast.ema.model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+    if precision == "fp16":  # the skip halved the scale in both
+        assert fast.precision.scaler.get_scale() == ref.precision.scaler.get_scale()
+
+
+def test_a_checkpoint_resumes_across_sync_free_modes():
+    """Optimizer state written by the default step loads into a sync-free trainer (and back),
+    which then continues as the default trainer does."""
+    eager = Trainer(_model(_kwargs()), _dit_objective(), _train_cfg())
+    batches = _batches()
+    for _ in range(2):
+        eager.train_step(batches.next_batch())
+    state, weights, ema = eager.state_dict(), eager.module.state_dict(), eager.ema.state_dict()
+    for sync_free in (True, False):
+        other = Trainer(_model(_kwargs(), seed=5), _dit_objective(), _train_cfg(sync_free=sync_free))
+        other.restore(copy.deepcopy(dict(model=weights, ema=ema, trainer=state)))  # as if read from disk
+        assert other.optimizer.param_groups[0]["fused"] == (True if sync_free else None)
+        assert other.step == state["step"] >= 2 and other.skipped_steps == 0
+        batch = batches.next_batch()  # the same batch and generator state for both
+        cont = Trainer(_model(_kwargs(), seed=5), _dit_objective(), _train_cfg())
+        cont.restore(copy.deepcopy(dict(model=weights, ema=ema, trainer=state)))
+        m_other, m_cont = other.train_step(batch), cont.train_step(batch)
+        assert float(m_other["loss"]) == pytest.approx(m_cont["loss"], rel=1e-6)
+        for (name, p), q in zip(cont.module.named_parameters(), other.module.parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+        state = other.state_dict()  # the sync-free trainer's state goes back into a default one next
+        weights, ema = other.module.state_dict(), other.ema.state_dict()
 
 
 def test_fp32_nonfinite_gradient_is_skipped():

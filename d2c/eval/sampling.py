@@ -35,6 +35,9 @@ half uses the null label ``num_classes`` and an all-zero text embedding and mask
 interval is given as fractions of the trajectory (0 = data, 1 = noise) and converted to the
 model's time units (DiT: the original timestep index, ``fraction × (T − 1)``; SiT: t itself).
 
+The network's forward pass runs in ``precision`` (``"fp32"``, or bf16/fp16 autocast through
+:func:`d2c.train.precision.autocast_model_fn`); its output and all sampler arithmetic are float32.
+
 Latents are decoded by the autoencoder (``None`` = pixel space) into uint8 ``[N, H, W, C]``.
 """
 
@@ -55,6 +58,7 @@ from d2c.diffusion.samplers import SDE_LAST_STEP_SIZE, ddim_sample, ddpm_sample,
 from d2c.models.dit import DiTOutput
 from d2c.models.encoders.autoencoder import IMAGE_MAX, IMAGE_MIN, Autoencoder
 from d2c.train.objective import ARCH_DIT, ARCH_SIT, schedule_from_description
+from d2c.train.precision import PRECISIONS, autocast_model_fn
 
 #: Samplers each architecture supports (config ``eval.sampler``).
 SAMPLERS: dict[str, tuple[str, ...]] = {ARCH_DIT: ("ddpm", "ddim"), ARCH_SIT: ("ode", "sde")}
@@ -186,6 +190,7 @@ class SamplingPlan:
         batch_size: rows per model batch; the last batch of a call is padded to it.
         clip_denoised: clamp predicted x0 to [-1, 1] in DDPM/DDIM steps; None = ``pixel_space``.
         pixel_space: the model works on pixels (identity autoencoder).
+        precision: the network's forward pass: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast).
 
     Raises:
         SamplingError: a setting that does not fit the checkpoint.
@@ -203,6 +208,7 @@ class SamplingPlan:
         batch_size: int = 64,
         clip_denoised: Optional[bool] = None,
         pixel_space: bool = True,
+        precision: str = "fp32",
     ):
         arch = meta["arch"]
         kwargs = meta["dit_kwargs"]
@@ -223,6 +229,9 @@ class SamplingPlan:
             )
         if batch_size < 1:
             raise SamplingError(f"batch_size must be >= 1, got {batch_size}")
+        if precision not in PRECISIONS:
+            raise SamplingError(f"eval.precision={precision!r} is not one of {list(PRECISIONS)}")
+        self.precision = precision
         self.arch = arch
         self.sampler = sampler
         self.steps = int(steps)
@@ -267,6 +276,7 @@ class SamplingPlan:
             clip_denoised=self.clip_denoised if self.sampler in ("ddpm", "ddim") else None,
             learn_sigma=self.learn_sigma,
             text_conditioning=self.text_conditioning,
+            precision=self.precision,
             noise="per sample: generator seeded by sha256(seed, index); start noise, then one draw per stochastic step",
             labels="sample i has class i mod num_classes",
         )
@@ -308,18 +318,20 @@ class ClassBalancedSampler:
         text: Optional[tuple[Tensor, Tensor]] = None,
         autoencoder: Optional[Autoencoder] = None,
         clip_denoised: Optional[bool] = None,
+        precision: str = "fp32",
         device: str | torch.device = "cpu",
     ):
         pixel_space = autoencoder is None or getattr(autoencoder, "downsample", None) == 1
         self.plan = SamplingPlan(
             meta, sampler=sampler, steps=steps, cfg_scale=cfg_scale, guidance_interval=guidance_interval, seed=seed,
-            batch_size=batch_size, clip_denoised=clip_denoised, pixel_space=pixel_space,
+            batch_size=batch_size, clip_denoised=clip_denoised, pixel_space=pixel_space, precision=precision,
         )
         if int(model.num_classes) != self.plan.num_classes:
             raise SamplingError(f"model has {model.num_classes} classes but model.json says {self.plan.num_classes}")
         self.model = model
         self.autoencoder = autoencoder
         self.device = torch.device(device)
+        self._network_fn = autocast_model_fn(self._network, self.plan.precision, self.device.type)
         self.text = None
         if getattr(model, "text_dim", None) is not None:
             if text is None:
@@ -340,9 +352,13 @@ class ClassBalancedSampler:
 
     # -- the model function ----------------------------------------------------------------------
 
-    def _raw_model_fn(self, x: Tensor, t: Tensor, y: Tensor, **kwargs: Tensor) -> Tensor:
+    def _network(self, x: Tensor, t: Tensor, y: Tensor, **kwargs: Tensor) -> Tensor:
         out = self.model(x, t, y, **kwargs)
         return out.out if isinstance(out, DiTOutput) else out
+
+    def _raw_model_fn(self, x: Tensor, t: Tensor, y: Tensor, **kwargs: Tensor) -> Tensor:
+        """The network's prediction ``[N, C_out, H, W]`` in float32 (run in ``plan.precision``)."""
+        return self._network_fn(x, t, y, **kwargs)
 
     def _model_fn(self, y: Tensor) -> ClassifierFreeGuidance:
         """CFG-wrapped model_fn for a batch of labels ``y`` ``[B]`` (scale 1 = conditional only)."""
@@ -426,6 +442,7 @@ def sample_class_balanced(
     autoencoder: Optional[Autoencoder] = None,
     device: str | torch.device = "cpu",
     clip_denoised: Optional[bool] = None,
+    precision: str = "fp32",
 ) -> tuple[np.ndarray, np.ndarray]:
     """N class-balanced samples (sample i has class ``i mod C``; see the module docstring).
 
@@ -438,6 +455,7 @@ def sample_class_balanced(
         raise SamplingError(f"num_classes={num_classes} but the model has {model.num_classes} classes")
     runner = ClassBalancedSampler(
         model, meta, sampler=sampler, steps=steps, cfg_scale=cfg_scale, guidance_interval=guidance_interval,
-        seed=seed, batch_size=batch_size, text=text, autoencoder=autoencoder, clip_denoised=clip_denoised, device=device,
+        seed=seed, batch_size=batch_size, text=text, autoencoder=autoencoder, clip_denoised=clip_denoised,
+        precision=precision, device=device,
     )
     return runner.sample(sample_indices(num_samples))

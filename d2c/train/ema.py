@@ -42,6 +42,21 @@ class EMA:
         for name, ema_b in self.model.named_buffers():
             ema_b.copy_(buffers[name])
 
+    @torch.no_grad()
+    def update_unless(self, model: nn.Module, skipped: torch.Tensor) -> None:
+        """:meth:`update` decided on the device: ``skipped`` (0-d float, 1 = a skipped step) scales
+        the move to zero without being read on the host. One ``lerp`` over all parameters
+        (``ema + w·(θ − ema)``, the same update up to rounding); buffers are copied.
+        """
+        params = dict(model.named_parameters())
+        ema_params = [p for _, p in self.model.named_parameters()]
+        live = [params[name].detach().float() for name, _ in self.model.named_parameters()]
+        weight = (1.0 - self.decay) * (1.0 - skipped.to(torch.float32))
+        torch._foreach_lerp_(ema_params, live, [weight] * len(ema_params))
+        buffers = dict(model.named_buffers())
+        for name, ema_b in self.model.named_buffers():
+            ema_b.copy_(buffers[name])
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The EMA model's state dict (float32 tensors)."""
         return self.model.state_dict()

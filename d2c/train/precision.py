@@ -1,4 +1,4 @@
-"""Numerical precision of training: fp32, bf16 autocast, or fp16 autocast with a GradScaler.
+"""Numerical precision: fp32, bf16 autocast, or fp16 autocast (with a GradScaler when training).
 
 The weights and optimizer state stay float32 in every mode; autocast runs the forward pass
 in the low-precision dtype. :meth:`Precision.step` is the whole update:
@@ -8,18 +8,55 @@ in the low-precision dtype. :meth:`Precision.step` is the whole update:
 An update is SKIPPED, and reported as such, when the gradient norm is not finite: with fp16
 the GradScaler skips it and halves its scale; in fp32/bf16 the optimizer step is simply not
 taken. Either way the weights never receive an inf/NaN.
+
+Inference stages (difficulty scoring, sampling) run their network through
+:func:`autocast_model_fn`: the same autocast, with the output cast back to float32 so that
+everything around the network (losses, sampler arithmetic) stays float32.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterable, Mapping, NamedTuple
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import torch
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_precision(mode: str) -> str:
+    """``mode`` if it is one of :data:`PRECISIONS`, else a ValueError naming the choices."""
+    if mode not in PRECISIONS:
+        raise ValueError(f"unknown precision {mode!r}; choose from {PRECISIONS}")
+    return mode
+
+
+def autocast_context(mode: str, device_type: str) -> contextlib.AbstractContextManager:
+    """Nothing for fp32, else ``torch.autocast(device_type, bf16/fp16)``."""
+    if check_precision(mode) == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=AUTOCAST_DTYPES[mode])
+
+
+def autocast_model_fn(fn: Callable[..., torch.Tensor], mode: str, device_type: str) -> Callable[..., torch.Tensor]:
+    """``fn`` run under :func:`autocast_context`, its tensor output returned as float32.
+
+    Args:
+        fn: a network call ``(x, t, y, **kwargs) -> Tensor`` (any signature; one tensor out).
+        mode: ``"fp32"`` (``fn`` itself is returned), ``"bf16"`` or ``"fp16"``.
+        device_type: ``"cuda"`` or ``"cpu"``.
+    """
+    if check_precision(mode) == "fp32":
+        return fn
+
+    def run(*args: Any, **kwargs: Any) -> torch.Tensor:
+        with autocast_context(mode, device_type):
+            out = fn(*args, **kwargs)
+        return out.float()
+
+    return run
 
 
 class StepResult(NamedTuple):
@@ -46,17 +83,13 @@ class Precision:
     """
 
     def __init__(self, mode: str, device_type: str, **scaler_kwargs: Any):
-        if mode not in PRECISIONS:
-            raise ValueError(f"unknown precision {mode!r}; choose from {PRECISIONS}")
-        self.mode = mode
+        self.mode = check_precision(mode)
         self.device_type = device_type
         self.scaler = torch.amp.GradScaler(device_type, enabled=mode == "fp16", **scaler_kwargs)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Context for the forward pass: nothing for fp32, else ``torch.autocast`` in bf16/fp16."""
-        if self.mode == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device_type, dtype=AUTOCAST_DTYPES[self.mode])
+        return autocast_context(self.mode, self.device_type)
 
     def step(
         self,

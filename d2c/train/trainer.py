@@ -4,7 +4,8 @@
   the precision helper, a ``torch.Generator`` (seeded by ``train.seed`` and the worker rank)
   from which every random draw of a step comes, and the step counter. ``state_dict`` /
   ``load_state_dict`` carry everything a resume needs except the weights, which the
-  checkpoint stores as safetensors.
+  checkpoint stores as safetensors. With ``train.sync_free`` its step never waits for the
+  device (see :meth:`Trainer.train_step`).
 * :class:`CondensedBatches` is a deterministic, resumable batch iterator over an in-memory
   condensed set. Its position is (epoch, batch index); the epoch's order AND its horizontal
   flips are functions of (seed, epoch) alone, so that position restores the stream exactly.
@@ -15,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
@@ -31,6 +33,7 @@ from d2c.train.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from d2c.train.compile import compile_blocks
 from d2c.train.ema import EMA
 from d2c.train.objective import D2CObjective, unwrap
 from d2c.train.precision import Precision
@@ -60,7 +63,9 @@ class Trainer:
             moved to ``device``.
         objective: the loss (:class:`D2CObjective`).
         train: ``cfg.train``: lr, beta1, beta2, weight_decay (AdamW), precision, clip_norm,
-            ema_decay, seed.
+            ema_decay, seed; optional (defaults when absent): ``compile`` ("off"; else the
+            model's blocks are compiled in place after the EMA copy is made) and ``sync_free``
+            (False; True: fused AdamW and a step with no host synchronisation).
         device: where the step runs.
         rank: the worker's rank (decorrelates the generators of data-parallel workers).
         scaler_kwargs: extra GradScaler arguments for fp16 (see :class:`Precision`).
@@ -81,33 +86,50 @@ class Trainer:
         self.objective = objective
         self.clip_norm = float(train.clip_norm)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.sync_free = bool(getattr(train, "sync_free", False))
+        # fused AdamW takes the skip decision as a device tensor (found_inf): no host sync.
         self.optimizer = torch.optim.AdamW(
-            self.params, lr=train.lr, betas=(train.beta1, train.beta2), weight_decay=train.weight_decay
+            self.params, lr=train.lr, betas=(train.beta1, train.beta2), weight_decay=train.weight_decay,
+            fused=True if self.sync_free else None,
         )
-        self.ema = EMA(self.module, train.ema_decay)
+        self.ema = EMA(self.module, train.ema_decay)  # before compiling: the copy stays eager
+        self.compiled_blocks = compile_blocks(self.module.blocks, getattr(train, "compile", "off"))
         self.precision = Precision(train.precision, self.device.type, **scaler_kwargs)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(worker_seed(train.seed, rank))
         self.step = 0
-        self.skipped_steps = 0
+        self._skipped = torch.zeros((), device=self.device)  # skipped steps (a device count: read on demand)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped so far (reading it waits for the device)."""
+        return int(self._skipped.item())
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped.fill_(int(value))
 
     def _to_device(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if v is not None}
 
-    def train_step(self, batch: Mapping[str, Tensor]) -> dict[str, float]:
+    def train_step(self, batch: Mapping[str, Tensor]) -> dict[str, float | Tensor]:
         """One optimizer step on ``batch`` (see :meth:`D2CObjective.loss_at` for its keys).
 
         Returns:
-            floats: the loss terms, ``grad_norm``, ``skipped`` (0/1), ``lr``, ``loss_scale`` and
-            ``step`` (the count after this step; skipped steps count, and leave weights and EMA alone).
+            the loss terms, ``grad_norm``, ``skipped`` (0/1), ``lr``, ``loss_scale`` and ``step``
+            (the count after this step; skipped steps count, and leave weights and EMA alone):
+            floats, or with ``sync_free`` 0-d device tensors for the device values (convert them
+            with ``float()`` when logging: that is where the host waits).
         """
         self.model.train()
         batch = self._to_device(batch)
+        if self.sync_free:
+            return self._sync_free_step(batch)
         with self.precision.autocast():
             terms = self.objective(self.model, batch, self.generator)
         result = self.precision.step(terms["loss"], self.optimizer, self.params, self.clip_norm)
         if result.skipped:
-            self.skipped_steps += 1
+            self._skipped += 1
         else:
             self.ema.update(self.module)
         self.step += 1
@@ -119,6 +141,39 @@ class Trainer:
             loss_scale=result.scale,
             step=float(self.step),
         )
+        return metrics
+
+    def _sync_free_step(self, batch: Mapping[str, Tensor]) -> dict[str, float | Tensor]:
+        """:meth:`Precision.step` and :meth:`EMA.update` decided on the device.
+
+        The grad norm stays a tensor; a non-finite norm skips the update through fused AdamW's
+        ``found_inf`` (fp32/bf16) or the GradScaler's own flag (fp16, which it hands the fused
+        optimizer as a tensor), exactly when :meth:`Precision.step` skips; the EMA moves by
+        :meth:`EMA.update_unless`. Nothing is read back to the host.
+        """
+        scaler = self.precision.scaler
+        with self.precision.autocast():
+            terms = self.objective(self.model, batch, self.generator)
+        scaled = scaler.scale(terms["loss"])  # (creates the scale tensor at the first step)
+        scale = scaler._get_scale_async().clone() if scaler.is_enabled() else 1.0  # this step's, before update()
+        scaled.backward()
+        scaler.unscale_(self.optimizer)
+        max_norm = self.clip_norm if self.clip_norm > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        skipped = (~torch.isfinite(norm)).to(torch.float32)  # [] 1.0 where the step is skipped
+        if scaler.is_enabled():
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.found_inf = skipped  # fused AdamW leaves the weights (and its step) alone where 1
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update_unless(self.module, skipped)
+        self._skipped += skipped
+        self.step += 1
+        metrics: dict[str, float | Tensor] = {k: v.detach() for k, v in terms.items()}
+        metrics.update(grad_norm=norm.detach(), skipped=skipped, lr=float(self.optimizer.param_groups[0]["lr"]),
+                       loss_scale=scale, step=float(self.step))
         return metrics
 
     # -- state -----------------------------------------------------------------------------------
@@ -139,11 +194,19 @@ class Trainer:
         """Inverse of :meth:`state_dict` (extra keys such as ``data`` are ignored)."""
         self.step = int(state["step"])
         self.skipped_steps = int(state["skipped_steps"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(self._as_this_optimizer(state["optimizer"]))
         self.precision.load_state_dict(state["scaler"])
         self.generator.set_state(state["generator"].cpu())
         if restore_global_rng:
             restore_rng_state(state["rng"])
+
+    def _as_this_optimizer(self, saved: Mapping[str, Any]) -> dict[str, Any]:
+        """``saved`` with this optimizer's implementation flags (``fused``, ``foreach``): a checkpoint
+        written with another ``train.sync_free`` resumes (the moments and step counts are the same
+        quantities either way; torch places the step counts by the flags it loads)."""
+        groups = [dict(g, **{k: cur.get(k) for k in ("fused", "foreach")})
+                  for g, cur in zip(saved["param_groups"], self.optimizer.param_groups)]
+        return dict(saved, param_groups=groups)
 
     def restore(self, ckpt: Mapping[str, Any]) -> dict[str, int]:
         """Load a :func:`~d2c.train.checkpoint.load_checkpoint` result: weights, EMA, trainer state.
@@ -475,6 +538,8 @@ def train_loop(
         metrics = trainer.train_step(batches.next_batch())
         metrics["epoch"] = float(epoch)
         last = trainer.step == steps
+        if last or (log_fn is not None and trainer.step % log_every == 0):
+            metrics = {k: float(v) for k, v in metrics.items()}  # with sync_free: the one host sync
         if log_fn is not None and (trainer.step % log_every == 0 or last):
             log_fn(metrics)
         if ckpt_dir is not None and ((ckpt_every and trainer.step % ckpt_every == 0) or last):
