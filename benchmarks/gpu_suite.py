@@ -31,7 +31,9 @@ training grid and the projection use ("keep the ones that pay").
   scoring: ``real`` (d2c.select.score.difficulty_scores with app/condense.py's arguments, eager,
            the scorer wrapped as app/condense.py's ScoreActor wraps it for ``score.precision=bf16``
            (configs/imagenet256.yaml): bf16 autocast over fp32 weights,
-           d2c.train.precision.autocast_model_fn; opt-in ``fp32``: ``score.precision=fp32``) ·
+           d2c.train.precision.autocast_model_fn; ``--dtype fp16`` measures imagenet256.yaml's
+           ``score.precision=fp16``, the same tensor-core rate; opt-in ``fp32``:
+           ``score.precision=fp32``) ·
            ``pipe`` (the same math via scores_from_noise, the
            per-image noise drawn one batch ahead in a thread into pinned memory, copied on a
            side stream, losses left on the device: no host sync per batch) · ``cast`` (weights
