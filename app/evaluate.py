@@ -309,12 +309,14 @@ class SampleActor:
         from d2c.attach.visual import build_autoencoder
         from d2c.eval.sampling import ClassBalancedSampler
         from d2c.train.checkpoint import load_model
+        from d2c.train.compile import compile_blocks
 
         cfg = build_config(cfg_dict)
         e = cfg.eval
         device = _actor_device(e.num_gpus, e.num_cpus)
         with location(checkpoint).local_copy() as local_ckpt:  # a URI is fetched by each actor itself
             model, meta = load_model(local_ckpt, use_ema=True, device=device)
+        compile_blocks(model.blocks, e.compile)
         text = None
         if text_path is not None:
             with location(text_path).local_copy() as local_text:
@@ -768,8 +770,9 @@ def eval_settings(cfg: D2CConfig, ckpt: Location, meta: dict[str, Any], text_pat
         "extractor_id": extractor_id,
         "fid_method": e.fid_method,
         "grid_per_class": e.grid_per_class,
-        # Only when not fp32, so that EVAL directories written before the key existed still match.
+        # Only when not the default, so that EVAL directories written before the keys existed still match.
         **({"precision": e.precision} if e.precision != "fp32" else {}),
+        **({"compile": e.compile} if e.compile != "off" else {}),
     }
 
 

@@ -349,6 +349,9 @@ class EvalConfig(_Section):
     #: The sampled network's forward pass: fp32 (as DiT/SiT/ADM sample for published FIDs), or
     #: bf16/fp16 autocast (the sampler's arithmetic stays float32). Part of the EVAL settings.
     precision: PrecisionMode = "fp32"
+    #: torch.compile of the sampled network's blocks in each sampling actor (d2c.train.compile).
+    #: Part of the EVAL settings.
+    compile: CompileBackend = "off"
     #: Sampling actors: pool size and GPUs per actor.
     min_actors: int = Field(1, ge=1)
     max_actors: int = Field(1, ge=1)

@@ -283,6 +283,25 @@ def _numeric_paths(obj, prefix=""):
     return set().union(*(_numeric_paths(v, f"{prefix}.{k}" if prefix else k) for k, v in obj.items() if k != "how"))
 
 
+def test_sampling_actor_compiles_its_blocks_and_draws_the_same_samples(tiny_train):
+    """eval.compile compiles the EMA model's blocks in each sampling actor (aot_eager: capture only)."""
+    from app.evaluate import SampleActor
+    from d2c.attach.text import TEXT_FILE
+
+    def actor(*extra):
+        cfg = load_config(ROOT / "configs" / "embedded.yaml", [f"eval.steps={STEPS}", "eval.num_samples=12",
+                                                               "eval.batch_size=6", *extra])
+        return SampleActor(cfg.to_dict(), str(tiny_train / "train" / "checkpoints"), str(tiny_train / TEXT_FILE))
+
+    eager, compiled = actor(), actor("eval.compile=aot_eager")
+    assert all(b._compiled_call_impl is not None for b in compiled.sampler.model.blocks)
+    assert all(b._compiled_call_impl is None for b in eager.sampler.model.blocks)
+    chunks = {"id": np.array([1, 0])}
+    want, got = eager(chunks), compiled(chunks)
+    assert got["index"].tolist() == want["index"].tolist() == [6, 7, 8, 9, 10, 11, 0, 1, 2, 3, 4, 5]
+    assert np.abs(got["image"].astype(int) - want["image"]).max() <= 1  # float rounding of captured graphs at most
+
+
 def test_evaluate_end_to_end(ray_session, tiny_train, tmp_path, monkeypatch, capsys):
     if not FMNIST.is_dir():
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
@@ -346,8 +365,8 @@ def test_evaluate_end_to_end(ray_session, tiny_train, tmp_path, monkeypatch, cap
     # Other settings into the same directory are refused.
     assert main(_eval_args(tiny_train / "train", out, "eval.seed=5")) == 2
     assert "eval_dir" in capsys.readouterr().err
-    assert main(_eval_args(tiny_train / "train", out, "eval.precision=bf16")) == 2
-    assert "precision: None -> 'bf16'" in capsys.readouterr().err
+    assert main(_eval_args(tiny_train / "train", out, "eval.precision=bf16", "eval.compile=aot_eager")) == 2
+    assert "compile: None -> 'aot_eager'; precision: None -> 'bf16'" in capsys.readouterr().err
 
 
 def _check_compare(out, tmp_path, capsys):
