@@ -144,26 +144,40 @@ def full_inputs(cfg: D2CConfig) -> dict[str, Any]:
 
 
 def _to_batch(raw: dict, shapes: dict, text, use_visual: bool, hflip: bool, generator) -> dict:
-    """Ray's flat tensors → the Trainer's batch: reshape, pick flipped copies, gather text."""
+    """Ray's flat CPU tensors → the Trainer's batch on ``generator``'s device (the trainer's):
+    reshape, gather the class text, copy (from pinned memory on a GPU, without waiting), then pick
+    the flipped copies there with a draw from ``generator`` (a CUDA generator cannot draw CPU
+    tensors). Stored float16 visual features cross as float16 and become float32 on the device.
+    """
     import torch
 
+    device = generator.device
     n = raw["label"].shape[0]
-    latent = raw["latent"].view(n, *shapes["latent"]).float()
-    batch = {"label": raw["label"].long()}
-    visual = raw["visual"].view(n, *shapes["visual"]).float() if use_visual and "visual" in raw else None
-    if hflip and "latent_flip" in raw:
-        flip = torch.rand(n, generator=generator) < 0.5
-        latent = torch.where(flip.view(n, 1, 1, 1), raw["latent_flip"].view(n, *shapes["latent"]).float(), latent)
-        if visual is not None:
-            vflip = raw["visual_flip"].view(n, *shapes["visual"]).float()
-            visual = torch.where(flip.view(n, 1, 1), vflip, visual)
-    batch["latent"] = latent
-    if visual is not None:
-        batch["visual"] = visual
+    label = raw["label"].long()
+    host = {"label": label, "latent": raw["latent"].view(n, *shapes["latent"])}
+    use_visual = use_visual and "visual" in raw
+    if use_visual:
+        host["visual"] = raw["visual"].view(n, *shapes["visual"])
+    hflip = hflip and "latent_flip" in raw
+    if hflip:
+        host["latent_flip"] = raw["latent_flip"].view(n, *shapes["latent"])
+        if use_visual:
+            host["visual_flip"] = raw["visual_flip"].view(n, *shapes["visual"])
     if text is not None:
         emb, mask = text
-        batch["text_emb"] = emb[batch["label"]]
-        batch["text_mask"] = mask[batch["label"]]
+        host["text_emb"], host["text_mask"] = emb[label], mask[label]
+    cuda = device.type == "cuda"
+    dev = {k: (v.pin_memory().to(device, non_blocking=True) if cuda else v) for k, v in host.items()}
+    batch = {"label": dev["label"], "latent": dev["latent"].float()}
+    if use_visual:
+        batch["visual"] = dev["visual"].float()
+    if hflip:
+        flip = torch.rand(n, generator=generator, device=device) < 0.5
+        batch["latent"] = torch.where(flip.view(n, 1, 1, 1), dev["latent_flip"].float(), batch["latent"])
+        if use_visual:
+            batch["visual"] = torch.where(flip.view(n, 1, 1), dev["visual_flip"].float(), batch["visual"])
+    if text is not None:
+        batch["text_emb"], batch["text_mask"] = dev["text_emb"], dev["text_mask"]
     return batch
 
 
