@@ -103,7 +103,7 @@ def score_settings(cfg: D2CConfig, listing: Listing, scorer: str) -> dict[str, A
     """Everything a score depends on; a rerun with other values is refused."""
     return {
         **listing_settings(cfg, listing),
-        "autoencoder": cfg.autoencoder.model_dump(),
+        "autoencoder": cfg.autoencoder.settings(),
         "diffusion": cfg.diffusion.model_dump(),
         "scorer": scorer,
         "num_timesteps": cfg.score.num_timesteps,
@@ -147,7 +147,7 @@ def attach_settings(cfg: D2CConfig, selection_sha: str) -> dict[str, Any]:
     return {
         "selection_sha256": selection_sha,
         "attach": cfg.attach.model_dump(),
-        "autoencoder": cfg.autoencoder.model_dump(),
+        "autoencoder": cfg.autoencoder.settings(),
         "num_tokens": cfg.num_tokens,
         "use_visual": cfg.model.use_visual,
         "seed": cfg.score.seed,
@@ -308,7 +308,7 @@ class ScoreActor:
         ok = np.asarray([r == "" for r in batch["reject"]])
         if ok.any():
             ids = [str(i) for i in batch["image_id"][ok]]
-            z = encode_latents(self.autoencoder, batch["image"][ok], ids, self.cfg.score.seed)
+            z = encode_latents(self.autoencoder, batch["image"][ok], ids, self.cfg.score.seed, self.cfg.autoencoder.encode_rows)
             labels = torch.as_tensor(batch["label"][ok], dtype=torch.long)
             per_t[ok] = difficulty_scores(
                 self.model_fn, z.to(self.device), labels, ids, self.alphas_cumprod, self.timesteps, self.cfg.score.seed,

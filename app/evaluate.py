@@ -763,7 +763,7 @@ def eval_settings(cfg: D2CConfig, ckpt: Location, meta: dict[str, Any], text_pat
         "step": meta.get("step"),
         "weights": "ema",
         "text_embeddings": str(text_path.absolute()) if text_path else None,
-        "autoencoder": cfg.autoencoder.model_dump(),
+        "autoencoder": cfg.autoencoder.settings(),
         "sampling": {k: getattr(e, k) for k in ("num_samples", "sampler", "steps", "cfg_scale", "seed", "clip_denoised")}
         | {"guidance_interval": list(e.guidance_interval) if e.guidance_interval else None},
         "reference": reference_id,

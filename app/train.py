@@ -117,7 +117,7 @@ class EncodeFull:
 
         ok = np.asarray([r == "" for r in batch["reject"]])
         ids = [str(i) for i in batch["image_id"][ok]]
-        z = encode_latents(self.autoencoder, batch["image"][ok], ids, self.cfg.score.seed).numpy()
+        z = encode_latents(self.autoencoder, batch["image"][ok], ids, self.cfg.score.seed, self.cfg.autoencoder.encode_rows).numpy()
         return {"label": batch["label"][ok].astype(np.int64), "latent": z.reshape(len(z), -1), "key": image_keys(ids)}
 
 
@@ -441,7 +441,7 @@ def scorer_settings(cfg: D2CConfig) -> dict[str, Any]:
     """What the embedded scorer depends on (its cache key)."""
     return {
         "data": {k: getattr(cfg.data, k) for k in ("source", "path", "split", "image_size", "channels", "preprocess", "max_per_class")},
-        "autoencoder": cfg.autoencoder.model_dump(),
+        "autoencoder": cfg.autoencoder.settings(),
         "diffusion": cfg.diffusion.model_dump(),
         "model": {k: getattr(cfg.model, k) for k in ("size", "hidden_size", "depth", "num_heads", "patch_size", "mlp_ratio", "class_dropout_prob")},
         "steps": cfg.score.scorer_train_steps,

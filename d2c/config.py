@@ -101,6 +101,17 @@ class AutoencoderConfig(_Section):
     scaling_factor: float = Field(SD_VAE_SCALING, gt=0)
     #: Sample the VAE posterior (DiT does) or take its mean.
     sample_posterior: bool = True
+    #: Images per encoder forward pass (SD-VAE); every pass is padded to this count, so a latent
+    #: does not depend on how the rows were batched. The identity autoencoder ignores it.
+    encode_rows: int = Field(32, ge=1)
+
+    def settings(self) -> dict[str, Any]:
+        """What a latent depends on, for the stages' settings files (``encode_rows`` only
+        matters to a real encoder, so an identity run's settings stay what they were)."""
+        out = self.model_dump()
+        if self.kind == "identity":
+            out.pop("encode_rows")
+        return out
 
 
 class ScoreConfig(_Section):

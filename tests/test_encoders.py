@@ -96,6 +96,32 @@ def test_sdvae_sampling_uses_generator(tiny_vae_dir):
     assert not torch.allclose(a, c)
 
 
+def test_encode_latents_batches_the_vae_with_per_image_noise(tiny_vae_dir):
+    """SD-VAE latents come from padded passes of encode_rows images, each image's posterior noise
+    from its own (seed, image_id) generator: equal to encoding it alone, and independent of its batch."""
+    from d2c.attach.visual import encode_latents
+    from d2c.data.preprocess import to_model_tensor
+    from d2c.select.score import image_seed
+
+    vae = load_autoencoder("sd_vae", tiny_vae_dir, sample_posterior=True)
+    images = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    ids = [f"img{i}" for i in range(5)]
+    got = encode_latents(vae, images, ids, seed=3, encode_rows=4)  # two passes, the second padded
+    alone = torch.cat([vae.encode(to_model_tensor(images[i : i + 1]), generator=torch.Generator().manual_seed(image_seed(3, ids[i])))
+                       for i in range(5)])
+    assert got.shape == (5, 4, 8, 8) and got.dtype == torch.float32
+    torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-5)
+    perm = [4, 2, 0, 3, 1]
+    assert torch.equal(encode_latents(vae, images[perm], [ids[i] for i in perm], 3, 4), got[perm])
+    assert torch.equal(encode_latents(vae, images[3:], ids[3:], 3, 4), got[3:])
+    assert not torch.allclose(encode_latents(vae, images, ids, 4, 4), got)  # the seed reaches the noise
+    mean = load_autoencoder("sd_vae", tiny_vae_dir, sample_posterior=False)
+    torch.testing.assert_close(encode_latents(mean, images, ids, 3, 4), mean.encode(to_model_tensor(images)), rtol=1e-5, atol=1e-5)
+    assert encode_latents(vae, images[:0], [], 3, 4).shape == (0, 4, 8, 8)
+    with pytest.raises(ValueError, match="one per image"):
+        vae.encode(to_model_tensor(images[:2]), generator=[torch.Generator()])
+
+
 def test_identity_is_exact_pass_through():
     ae = load_autoencoder("identity", channels=1)
     assert isinstance(ae, IdentityAutoencoder) and (ae.latent_channels, ae.downsample) == (1, 1)

@@ -16,6 +16,7 @@ import torch
 from d2c.config import D2CConfig
 from d2c.data.preprocess import to_model_tensor
 from d2c.models.encoders import Autoencoder, VisionEncoder, fit_tokens, load_autoencoder, load_vision_encoder
+from d2c.models.encoders.autoencoder import IdentityAutoencoder
 from d2c.select.score import image_seed
 
 #: How encoder tokens are fitted to the model's token count (see d2c.models.encoders.tokens).
@@ -34,20 +35,33 @@ def build_autoencoder(cfg: D2CConfig, device: str = "cpu") -> Autoencoder:
     )
 
 
-def encode_latents(autoencoder: Autoencoder, images: np.ndarray, image_ids: Sequence[str], seed: int) -> torch.Tensor:
+def encode_latents(autoencoder: Autoencoder, images: np.ndarray, image_ids: Sequence[str], seed: int,
+                   encode_rows: int) -> torch.Tensor:
     """uint8 [B, H, W, C] → latents float32 [B, c, h, w].
 
-    A sampled VAE posterior draws each image's noise from a generator seeded by
-    (seed, image_id), so a latent never depends on its batch.
+    A real encoder runs in passes of exactly ``encode_rows`` images (the last padded with zero
+    images whose latents are dropped), so a latent never depends on its batch (kernels pick
+    their blocking by row count). A sampled VAE posterior draws each image's noise from its own
+    generator seeded by (seed, image_id), one generator per row of the pass.
     """
     x = to_model_tensor(images)
-    if not getattr(autoencoder, "sample_posterior", False):
+    if isinstance(autoencoder, IdentityAutoencoder):
         return autoencoder.encode(x)
+    if encode_rows < 1:
+        raise ValueError(f"encode_rows must be >= 1, got {encode_rows}")
+    sample = getattr(autoencoder, "sample_posterior", False)
     out = []
-    gen = torch.Generator(device="cpu")
-    for i, image_id in enumerate(image_ids):
-        gen.manual_seed(image_seed(seed, image_id))
-        out.append(autoencoder.encode(x[i : i + 1], generator=gen))
+    for start in range(0, len(x), encode_rows):
+        chunk = x[start : start + encode_rows]
+        rows = len(chunk)
+        gens = [torch.Generator().manual_seed(image_seed(seed, i)) for i in image_ids[start : start + rows]] if sample else None
+        if rows < encode_rows:
+            chunk = torch.cat([chunk, chunk.new_zeros((encode_rows - rows, *chunk.shape[1:]))])
+            if gens is not None:
+                gens += [torch.Generator().manual_seed(0) for _ in range(encode_rows - rows)]
+        out.append(autoencoder.encode(chunk, generator=gens)[:rows])
+    if not out:
+        return torch.empty((0, *autoencoder.latent_shape(tuple(x.shape[1:]))), dtype=torch.float32)
     return torch.cat(out)
 
 
@@ -77,7 +91,8 @@ class AttachEncoder:
         if self.flip:
             variants.append(("_flip", np.ascontiguousarray(images[:, :, ::-1])))
         for suffix, imgs in variants:
-            out["latent" + suffix] = encode_latents(self.autoencoder, imgs, image_ids, self.seed).cpu().numpy()
+            latent = encode_latents(self.autoencoder, imgs, image_ids, self.seed, self.cfg.autoencoder.encode_rows)
+            out["latent" + suffix] = latent.cpu().numpy()
             if self.vision is not None:
                 chw = torch.from_numpy(np.ascontiguousarray(imgs.transpose(0, 3, 1, 2)))
                 tokens = fit_tokens(self.vision.encode(chw), self.num_tokens, TOKEN_FIT_MODE)

@@ -63,8 +63,11 @@ class Autoencoder(FrozenEncoder, ABC):
         return self.latent_channels, height // self.downsample, width // self.downsample
 
     @abstractmethod
-    def encode(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """images float [N, C, H, W] in [-1, 1] → latents float32 [N, c, H/f, W/f] on ``device``."""
+    def encode(self, images: torch.Tensor, generator: Optional[torch.Generator | list[torch.Generator]] = None) -> torch.Tensor:
+        """images float [N, C, H, W] in [-1, 1] → latents float32 [N, c, H/f, W/f] on ``device``.
+
+        ``generator``: the posterior sample's randomness, one generator for the batch or a list
+        of N, one per image (row i drawn from generator i alone)."""
 
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -87,7 +90,7 @@ class IdentityAutoencoder(Autoencoder):
         self.downsample = 1
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, generator: Optional[torch.Generator | list[torch.Generator]] = None) -> torch.Tensor:
         """images [N, C, H, W] in [-1, 1] → the same values, float32 [N, C, H, W]; ``generator`` unused."""
         _check_images(images, self.image_channels)
         return images.to(device=self.device, dtype=torch.float32)
@@ -153,9 +156,14 @@ class SDVAE(Autoencoder):
         self.downsample = 2 ** (len(config.block_out_channels) - 1)
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """images float [N, 3, H, W] in [-1, 1] → latents float32 [N, 4, H/8, W/8] (× scaling factor)."""
+    def encode(self, images: torch.Tensor, generator: Optional[torch.Generator | list[torch.Generator]] = None) -> torch.Tensor:
+        """images float [N, 3, H, W] in [-1, 1] → latents float32 [N, 4, H/8, W/8] (× scaling factor).
+
+        A list of N generators draws row i's posterior noise from generator i, as a batch of one
+        with that generator would (diffusers' ``randn_tensor`` takes such a list)."""
         _check_images(images, self.image_channels)
+        if isinstance(generator, list) and len(generator) != len(images):
+            raise ValueError(f"{len(generator)} generators for {len(images)} images: give one per image")
         posterior = self.model.encode(images.to(device=self.device, dtype=self.dtype)).latent_dist
         latents = posterior.sample(generator=generator) if self.sample_posterior else posterior.mean
         return (latents * self.scaling_factor).float()
