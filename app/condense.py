@@ -36,6 +36,7 @@ from app.stages import (
     ActorStep,
     StageSettingsError,
     StageTimer,
+    actor_device,
     actor_pipeline,
     check_settings,
     listing_table,
@@ -275,7 +276,6 @@ class ScoreActor:
     """
 
     def __init__(self, cfg_dict: dict, scorer_spec: str):
-        import torch
 
         from d2c.attach.visual import build_autoencoder
         from d2c.diffusion.ddpm import DDPMSchedule
@@ -286,9 +286,7 @@ class ScoreActor:
 
         cfg = build_config(cfg_dict)
         self.cfg = cfg
-        self.device = "cuda" if cfg.score.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        if self.device == "cpu":
-            torch.set_num_threads(max(1, int(cfg.score.num_cpus)))
+        self.device = actor_device(cfg.score.num_gpus, cfg.score.num_cpus)
         self.scorer = load_scorer(scorer_spec, self.device)
         compile_blocks(self.scorer.model.blocks, cfg.score.compile)
         self.model_fn = autocast_model_fn(self.scorer.model, cfg.score.precision, self.device)
@@ -381,15 +379,12 @@ class FeatureActor:
     """
 
     def __init__(self, cfg_dict: dict):
-        import torch
 
         from d2c.models.encoders import load_vision_encoder
 
         cfg = build_config(cfg_dict)
         v = cfg.attach.vision
-        device = "cuda" if v.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        if device == "cpu":
-            torch.set_num_threads(max(1, int(v.num_cpus)))
+        device = actor_device(v.num_gpus, v.num_cpus)
         self.encoder = load_vision_encoder(v.encoder, v.path, cfg.feature_image_size, device=device)
         self.forward_rows = cfg.select.feature_batch_size
 
@@ -618,15 +613,11 @@ class AttachActor:
     """Ray Data actor: decoded images → condensed rows (latents + visual tokens, flipped too)."""
 
     def __init__(self, cfg_dict: dict):
-        import torch
 
         from d2c.attach.visual import AttachEncoder
 
         cfg = build_config(cfg_dict)
-        device = "cuda" if cfg.attach.vision.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        if device == "cpu":
-            torch.set_num_threads(max(1, int(cfg.attach.vision.num_cpus)))
-        self.encoder = AttachEncoder(cfg, device)
+        self.encoder = AttachEncoder(cfg, actor_device(cfg.attach.vision.num_gpus, cfg.attach.vision.num_cpus))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         ids = [str(i) for i in batch["image_id"]]

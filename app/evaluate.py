@@ -39,7 +39,7 @@ from typing import Any, Optional
 import numpy as np
 
 from app.ray_session import check_shared_storage, init_ray, quiet_data_context
-from app.stages import StageSettingsError, StageTimer, check_settings, decoded, listing_table, table_blocks, write_json_atomic
+from app.stages import StageSettingsError, StageTimer, actor_device, check_settings, decoded, listing_table, table_blocks, write_json_atomic
 from d2c.config import ConfigError, D2CConfig, DataConfig, build_config, check_model_path
 from d2c.storage import Location, StorageError, is_uri, location
 
@@ -288,15 +288,6 @@ def check_reference(cfg: D2CConfig) -> None:
 # ------------------------------------------------------------------------------------
 
 
-def _actor_device(num_gpus: float, num_cpus: float) -> str:
-    import torch
-
-    if num_gpus > 0 and torch.cuda.is_available():
-        return "cuda"
-    torch.set_num_threads(max(1, int(num_cpus)))
-    return "cpu"
-
-
 class SampleActor:
     """Ray Data actor: chunk numbers ``{"id": [k]}`` → samples ``{"index", "label", "image"}``.
 
@@ -313,7 +304,7 @@ class SampleActor:
 
         cfg = build_config(cfg_dict)
         e = cfg.eval
-        device = _actor_device(e.num_gpus, e.num_cpus)
+        device = actor_device(e.num_gpus, e.num_cpus)
         with location(checkpoint).local_copy() as local_ckpt:  # a URI is fetched by each actor itself
             model, meta = load_model(local_ckpt, use_ema=True, device=device)
         compile_blocks(model.blocks, e.compile)
@@ -349,7 +340,7 @@ class InceptionActor:
                  keep_images: bool = True):
         from d2c.eval.inception import InceptionFeatures
 
-        device = _actor_device(num_gpus, num_cpus)
+        device = actor_device(num_gpus, num_cpus)
         self.extractor = InceptionFeatures(source, weights_path, device=device, batch_size=batch_size, progress=False)
         self.keep_images = keep_images
 

@@ -130,6 +130,17 @@ class ActorStep:
     num_cpus: Optional[float] = None
 
 
+def actor_device(num_gpus: float, num_cpus: float) -> str:
+    """Where a model-holding actor runs: "cuda" when it was given GPUs and sees one, else "cpu"
+    with ``num_cpus`` torch threads (what it reserved). Call it in the actor's ``__init__``."""
+    import torch  # here, not at module level: Ray Data task workers import this module
+
+    if num_gpus > 0 and torch.cuda.is_available():
+        return "cuda"
+    torch.set_num_threads(max(1, int(num_cpus)))
+    return "cpu"
+
+
 def actor_pipeline(table: pa.Table, data_cfg: DataConfig, step: ActorStep):
     """Listing table → Ray Dataset: blocks of ``step.batch_size`` rows → decode (CPU tasks) → the actor pool."""
     import ray

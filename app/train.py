@@ -31,7 +31,7 @@ import numpy as np
 
 from app.metrics import record
 from app.ray_session import check_shared_storage, init_ray, quiet_data_context
-from app.stages import add_image_key, decoded, image_keys, listing_table, table_blocks
+from app.stages import ActorStep, actor_device, actor_pipeline, add_image_key, image_keys, listing_table
 from d2c.config import ConfigError, D2CConfig, build_config, check_paths
 from d2c.storage import JsonlLog, Location, append_line, location
 
@@ -104,36 +104,33 @@ def condensed_inputs(cfg: D2CConfig) -> dict[str, Any]:
 
 
 class EncodeFull:
-    """Ray Data actor: decoded images → latents (for training on the full dataset)."""
+    """Ray Data actor: decoded images → latents (for training on the full dataset), on the
+    scoring pool's resources (``score.num_gpus``, ``score.num_cpus``, its actor counts)."""
 
     def __init__(self, cfg_dict: dict):
         from d2c.attach.visual import build_autoencoder
 
         self.cfg = build_config(cfg_dict)
-        self.autoencoder = build_autoencoder(self.cfg)
+        self.autoencoder = build_autoencoder(self.cfg, actor_device(self.cfg.score.num_gpus, self.cfg.score.num_cpus))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from d2c.attach.visual import encode_latents
 
         ok = np.asarray([r == "" for r in batch["reject"]])
         ids = [str(i) for i in batch["image_id"][ok]]
-        z = encode_latents(self.autoencoder, batch["image"][ok], ids, self.cfg.score.seed, self.cfg.autoencoder.encode_rows).numpy()
+        z = encode_latents(self.autoencoder, batch["image"][ok], ids, self.cfg.score.seed, self.cfg.autoencoder.encode_rows).cpu().numpy()
         return {"label": batch["label"][ok].astype(np.int64), "latent": z.reshape(len(z), -1), "key": image_keys(ids)}
 
 
 def full_inputs(cfg: D2CConfig) -> dict[str, Any]:
     """The raw dataset as a materialised Ray Dataset of (latent, label)."""
-    import ray
 
     from d2c.data.source import list_source
 
     listing = list_source(cfg.data)
-    table = listing_table(listing.rows, cfg.score.shard_rows)
-    ds = ray.data.from_arrow(table_blocks(table))
-    ds = decoded(ds, cfg.data)
-    ds = ds.map_batches(EncodeFull, fn_constructor_kwargs={"cfg_dict": cfg.to_dict()},
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1), batch_size=cfg.score.batch_size)
-    ds = ds.materialize()
+    s = cfg.score
+    step = ActorStep(EncodeFull, {"cfg_dict": cfg.to_dict()}, s.batch_size, s.min_actors, s.max_actors, s.num_gpus, s.num_cpus)
+    ds = actor_pipeline(listing_table(listing.rows, s.shard_rows), cfg.data, step).materialize()
     shapes = {"latent": [cfg.latent_channels, cfg.latent_size, cfg.latent_size]}
     return {"dataset": ds, "shapes": shapes, "text": None, "num_classes": listing.num_classes, "rows": ds.count()}
 
