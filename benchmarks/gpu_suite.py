@@ -29,11 +29,10 @@ with the arithmetic behind each). The fastest variant of a case is starred and i
 training grid and the projection use ("keep the ones that pay").
 
   scoring: ``real`` (d2c.select.score.difficulty_scores with app/condense.py's arguments, eager,
-           the scorer wrapped as app/condense.py's ScoreActor wraps it for ``score.precision=bf16``
-           (configs/imagenet256.yaml): bf16 autocast over fp32 weights,
-           d2c.train.precision.autocast_model_fn; ``--dtype fp16`` measures imagenet256.yaml's
-           ``score.precision=fp16``, the same tensor-core rate; opt-in ``fp32``:
-           ``score.precision=fp32``) ·
+           the scorer wrapped as app/condense.py's ScoreActor wraps it for ``score.precision=bf16``:
+           bf16 autocast over fp32 weights, d2c.train.precision.autocast_model_fn) · ``fp16``
+           (the same with ``score.precision=fp16``, what configs/imagenet256.yaml scores with;
+           opt-in ``fp32``: ``score.precision=fp32``; at most one of fp32, fp16, cast) ·
            ``pipe`` (the same math via scores_from_noise, the
            per-image noise drawn one batch ahead in a thread into pinned memory, copied on a
            side stream, losses left on the device: no host sync per batch) · ``cast`` (weights
@@ -209,7 +208,9 @@ SEED = 0
 CASES = ("scoring", "train", "vae", "dino", "projection")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-SCORING_FEATURES = ("fp32", "pipe", "cast", "fused", "compile")
+SCORING_FEATURES = ("fp32", "fp16", "pipe", "cast", "fused", "compile")
+#: Scoring features that set the scorer's numerics; a variant takes at most one.
+SCORING_NUMERICS = frozenset({"fp32", "fp16", "cast"})
 TRAIN_FEATURES = ("nosync", "prefetch", "fused", "compile")
 VAE_FEATURES = ("cast", "cl", "bench", "compile", "diffusers")
 DINO_FEATURES = ("sdpa", "compile")
@@ -224,6 +225,9 @@ PREDICTED_GAINS: dict[str, dict[str, float]] = {
         # Opt-in (not in the defaults: ≈30 s): the scorer in fp32 without autocast
         # (score.precision=fp32); plain fp32 matmuls run at ≈1/15 of the bf16 rate.
         "fp32": 0.1,
+        # score.precision=fp16 (configs/imagenet256.yaml) instead of the suite's bf16: the same
+        # tensor-core rate and bytes per element.
+        "fp16": 1.0,
         # Host: 256·8·4096 normal draws (≈50 ms) + 34 MB pageable copy + a .cpu() sync per
         # batch, against ≈1.2 s of device work per batch (486 TFLOP at ≈50% MFU): ≈4%.
         "pipe": 1.04,
@@ -273,7 +277,7 @@ PREDICTED_GAINS: dict[str, dict[str, float]] = {
 #: Defaults that differ between the real suite and ``--tiny``.
 PROFILES: dict[str, dict[str, Any]] = {
     "real": dict(
-        score_variants="real,pipe,pipe+cast,pipe+cast+fused,pipe+cast+compile,pipe+cast+compile+fused",
+        score_variants="real,fp16,pipe,pipe+cast,pipe+cast+fused,pipe+cast+compile,pipe+cast+compile+fused",
         train_variants="trainer,nosync,nosync+prefetch,nosync+prefetch+fused,nosync+prefetch+compile,"
         "nosync+prefetch+compile+fused",
         vae_variants="fp32,cast,cast+cl,cast+cl+bench,cast+cl+bench+compile,diffusers+cast+cl+bench",
@@ -915,8 +919,8 @@ def parse_variants(spec: str, case: str, allowed: Sequence[str]) -> list[Variant
                 f"{flag}: unknown feature(s) {unknown} in {name!r}; use {BASELINE_NAMES[case]!r} "
                 f"or '+'-joined {list(allowed)}"
             )
-        if case == "scoring" and {"cast", "fp32"} <= feats:
-            raise SystemExit(f"{flag}: {name!r} has both 'cast' and 'fp32', which exclude each other")
+        if case == "scoring" and len(feats & SCORING_NUMERICS) > 1:
+            raise SystemExit(f"{flag}: {name!r} combines {sorted(feats & SCORING_NUMERICS)}, which exclude each other")
         if case == "train" and feats and "nosync" not in feats:
             raise SystemExit(f"{flag}: {name!r}: prefetch, fused and compile build on 'nosync' (the sync-free step)")
         out.append(Variant(name, feats))
@@ -1079,6 +1083,8 @@ def case_scoring(ctx: Ctx) -> list[Row]:
         def measure(row: Row, v: Variant = v) -> None:
             if "fp32" in v.features:  # score.precision=fp32: no autocast
                 model, precision, in_dtype = net, "fp32", torch.float32
+            elif "fp16" in v.features:  # score.precision=fp16, as configs/imagenet256.yaml scores
+                model, precision, in_dtype = net, "fp16", torch.float32
             elif "cast" in v.features:
                 if "net" not in lowp:
                     lowp["net"] = copy.deepcopy(net).to(ctx.dtype)

@@ -228,3 +228,8 @@ def test_variant_references_and_predictions():
     assert gs.predicted_gain("train", frozenset({"fused"}), refs[5]) == gs.PREDICTED_GAINS["train"]["fused@compile"]
     with pytest.raises(SystemExit):
         gs.parse_variants("nosync+warp", "train", gs.TRAIN_FEATURES)
+    scoring = gs.parse_variants("real,fp16,pipe+cast", "scoring", gs.SCORING_FEATURES)
+    assert gs.reference_of(scoring[1], scoring[:1]).name == "real"  # fp16 against the bf16 baseline
+    for clash in ("fp16+cast", "fp32+fp16", "pipe+cast+fp32"):
+        with pytest.raises(SystemExit, match="exclude each other"):
+            gs.parse_variants(clash, "scoring", gs.SCORING_FEATURES)
