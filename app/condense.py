@@ -39,6 +39,7 @@ from app.stages import (
     actor_device,
     actor_pipeline,
     check_settings,
+    non_default,
     listing_table,
     write_json_atomic,
     write_parquet_atomic,
@@ -111,9 +112,7 @@ def score_settings(cfg: D2CConfig, listing: Listing, scorer: str) -> dict[str, A
         "seed": cfg.score.seed,
         "shard_rows": cfg.score.shard_rows,
         "forward_rows": cfg.score.forward_rows,
-        # Only when not the default, so that run directories scored before the keys existed still match.
-        **({"precision": cfg.score.precision} if cfg.score.precision != "fp32" else {}),
-        **({"compile": cfg.score.compile} if cfg.score.compile != "off" else {}),
+        **non_default(cfg.score, "precision", "compile"),
     }
 
 
@@ -276,7 +275,6 @@ class ScoreActor:
     """
 
     def __init__(self, cfg_dict: dict, scorer_spec: str):
-
         from d2c.attach.visual import build_autoencoder
         from d2c.diffusion.ddpm import DDPMSchedule
         from d2c.select.score import stratified_timesteps
@@ -379,7 +377,6 @@ class FeatureActor:
     """
 
     def __init__(self, cfg_dict: dict):
-
         from d2c.models.encoders import load_vision_encoder
 
         cfg = build_config(cfg_dict)
@@ -613,7 +610,6 @@ class AttachActor:
     """Ray Data actor: decoded images → condensed rows (latents + visual tokens, flipped too)."""
 
     def __init__(self, cfg_dict: dict):
-
         from d2c.attach.visual import AttachEncoder
 
         cfg = build_config(cfg_dict)

@@ -39,7 +39,8 @@ from typing import Any, Optional
 import numpy as np
 
 from app.ray_session import check_shared_storage, init_ray, quiet_data_context
-from app.stages import StageSettingsError, StageTimer, actor_device, check_settings, decoded, listing_table, table_blocks, write_json_atomic
+from app.stages import (StageSettingsError, StageTimer, actor_device, check_settings, decoded, listing_table, non_default,
+                        table_blocks, write_json_atomic)
 from d2c.config import ConfigError, D2CConfig, DataConfig, build_config, check_model_path
 from d2c.storage import Location, StorageError, is_uri, location
 
@@ -761,9 +762,7 @@ def eval_settings(cfg: D2CConfig, ckpt: Location, meta: dict[str, Any], text_pat
         "extractor_id": extractor_id,
         "fid_method": e.fid_method,
         "grid_per_class": e.grid_per_class,
-        # Only when not the default, so that EVAL directories written before the keys existed still match.
-        **({"precision": e.precision} if e.precision != "fp32" else {}),
-        **({"compile": e.compile} if e.compile != "off" else {}),
+        **non_default(e, "precision", "compile"),
     }
 
 

@@ -195,6 +195,14 @@ def check_settings(path: "Path | Location", settings: dict, what: str, fix: str)
     raise StageSettingsError(f"{what} in {str(path.parent)!r} was made with other settings ({'; '.join(diffs)}). {fix}")
 
 
+def non_default(section: Any, *keys: str) -> dict[str, Any]:
+    """The ``keys`` of a config section whose values differ from the schema's defaults. Settings
+    added to a stage later go in through this, so that directories written before a key existed
+    (at its default) still match their saved settings."""
+    fields = type(section).model_fields
+    return {k: getattr(section, k) for k in keys if getattr(section, k) != fields[k].default}
+
+
 def write_json_atomic(path: "Path | Location", obj: Any) -> None:
     """Write JSON to a path or storage location atomically (locally: a temp file and a rename)."""
     location(path).write_json(obj)

@@ -124,7 +124,6 @@ class EncodeFull:
 
 def full_inputs(cfg: D2CConfig) -> dict[str, Any]:
     """The raw dataset as a materialised Ray Dataset of (latent, label)."""
-
     from d2c.data.source import list_source
 
     listing = list_source(cfg.data)

@@ -331,7 +331,8 @@ class ClassBalancedSampler:
         self.model = model
         self.autoencoder = autoencoder
         self.device = torch.device(device)
-        self._network_fn = autocast_model_fn(self._network, self.plan.precision, self.device.type)
+        # The network's prediction [N, C_out, H, W] as float32, run in plan.precision.
+        self._raw_model_fn = autocast_model_fn(self._network, self.plan.precision, self.device.type)
         self.text = None
         if getattr(model, "text_dim", None) is not None:
             if text is None:
@@ -355,10 +356,6 @@ class ClassBalancedSampler:
     def _network(self, x: Tensor, t: Tensor, y: Tensor, **kwargs: Tensor) -> Tensor:
         out = self.model(x, t, y, **kwargs)
         return out.out if isinstance(out, DiTOutput) else out
-
-    def _raw_model_fn(self, x: Tensor, t: Tensor, y: Tensor, **kwargs: Tensor) -> Tensor:
-        """The network's prediction ``[N, C_out, H, W]`` in float32 (run in ``plan.precision``)."""
-        return self._network_fn(x, t, y, **kwargs)
 
     def _model_fn(self, y: Tensor) -> ClassifierFreeGuidance:
         """CFG-wrapped model_fn for a batch of labels ``y`` ``[B]`` (scale 1 = conditional only)."""

@@ -38,9 +38,7 @@ class EMA:
         params = dict(model.named_parameters())
         for name, ema_p in self.model.named_parameters():
             ema_p.mul_(self.decay).add_(params[name].detach().float(), alpha=1.0 - self.decay)
-        buffers = dict(model.named_buffers())
-        for name, ema_b in self.model.named_buffers():
-            ema_b.copy_(buffers[name])
+        self._copy_buffers(model)
 
     @torch.no_grad()
     def update_unless(self, model: nn.Module, skipped: torch.Tensor) -> None:
@@ -53,6 +51,9 @@ class EMA:
         live = [params[name].detach().float() for name, _ in self.model.named_parameters()]
         weight = (1.0 - self.decay) * (1.0 - skipped.to(torch.float32))
         torch._foreach_lerp_(ema_params, live, [weight] * len(ema_params))
+        self._copy_buffers(model)
+
+    def _copy_buffers(self, model: nn.Module) -> None:
         buffers = dict(model.named_buffers())
         for name, ema_b in self.model.named_buffers():
             ema_b.copy_(buffers[name])
