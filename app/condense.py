@@ -32,9 +32,11 @@ import pyarrow as pa
 
 from app.metrics import record
 from app.ray_session import check_shared_storage, init_ray, quiet_data_context
+from app.resources import check_placement
 from app.stages import (
     ActorStep,
     StageSettingsError,
+    ProgressLine,
     StageTimer,
     actor_device,
     actor_pipeline,
@@ -48,13 +50,26 @@ from d2c.config import FEATURE_SELECT_KEYS, ConfigError, D2CConfig, DataConfig, 
 from d2c.data.condensed import to_arrow
 from d2c.data.source import Listing, list_source
 from d2c.select.baselines import make_chooser
-from d2c.select.interval import SELECTION_COLUMNS, ClassSelection, SelectionError, per_class_budget, select_class
+from d2c.select.interval import (
+    SELECTION_COLUMNS,
+    ClassSelection,
+    SelectionError,
+    check_feasible,
+    per_class_budget,
+    select_class,
+)
 from d2c.storage import Location, location
 
 SETTINGS_FILE = "_settings.json"
 #: Scores rows per hash partition of the per-class groupby (DESIGN.md: too many partitions cost seconds).
 GROUPBY_ROWS_PER_PARTITION = 50_000
 SUCCESS_FILE = "_SUCCESS"
+#: RUN/scores' record of the scorer quality gate it passed ("_": Parquet readers skip it).
+GATE_FILE = "_scorer_gate.json"
+#: RUN/selection's per-class reports; "_"-prefixed so Parquet readers of the directory skip it.
+REPORTS_FILE = "_reports.json"
+#: Its name before REPORTS_FILE (a reused older selection is renamed to REPORTS_FILE).
+OLD_REPORTS_FILE = "reports.json"
 #: Column of RUN/features holding each image's pooled visual feature (list<float32>, length d).
 FEATURE_COLUMN = "feature"
 
@@ -144,9 +159,13 @@ def selection_settings(cfg: D2CConfig, scores_dir: Location, features_dir: Optio
 
 
 def attach_settings(cfg: D2CConfig, selection_sha: str) -> dict[str, Any]:
+    attach = cfg.attach.model_dump()
+    if cfg.attach.vision.encoder != "efficientnet_lite0":  # the token keys only shape EfficientNet's output
+        for key in ("layer", "normalize"):
+            attach["vision"].pop(key)
     return {
         "selection_sha256": selection_sha,
-        "attach": cfg.attach.model_dump(),
+        "attach": attach,
         "autoencoder": cfg.autoencoder.settings(),
         "num_tokens": cfg.num_tokens,
         "use_visual": cfg.model.use_visual,
@@ -229,8 +248,10 @@ def run_sharded_pass(sp: ShardedPass, listing: Listing, shard_rows: int, data_cf
     pending: dict[int, list] = defaultdict(list)
     got: dict[int, int] = defaultdict(int)
     seen = 0
+    progress = ProgressLine(sp.name, len(positions))
     for batch in actor_pipeline(table, data_cfg, sp.step).iter_batches(batch_size=None, batch_format="numpy"):
         seen += len(batch["pos"])
+        progress.update(seen)
         record(*sp.metric, seen / max(time.perf_counter() - timer.start, 1e-9))
         for s in np.unique(batch["shard"]):
             m = batch["shard"] == s
@@ -345,6 +366,46 @@ def _write_score_shard(run: RunDir, shard: int, cols: dict[str, np.ndarray], bad
     )
     write_parquet_atomic(rej, run.reject_shard(shard))
     write_parquet_atomic(scores, run.score_shard(shard))
+
+
+def scorer_gate(cfg: D2CConfig, listing: Listing, run: RunDir, scorer_spec: str) -> Optional[dict[str, Any]]:
+    """The scorer quality gate (:mod:`d2c.select.gate`) on ``score.gate_rows`` held-out images,
+    scored by the same actor as every image. Refuses a scorer that is not clearly better than
+    predicting zero noise, before anything is scored; returns the gate's numbers (None: off).
+    A complete scores directory keeps the numbers it was gated with (``_scorer_gate.json``)."""
+    from d2c.select.gate import gate, holdout_positions, trivial_loss
+
+    s = cfg.score
+    saved = run.scores / GATE_FILE
+    if s.gate_rows == 0:
+        return None
+    if (run.scores / SUCCESS_FILE).is_file() and saved.is_file():
+        return json.loads(saved.read_text())
+    timer = StageTimer("scorer gate")
+    positions = holdout_positions(len(listing.rows), s.gate_rows)
+    table = listing_table([listing.rows[p] for p in positions], s.shard_rows, positions)
+    step = ActorStep(ScoreActor, {"cfg_dict": cfg.to_dict(), "scorer_spec": scorer_spec}, s.batch_size, 1, 1, s.num_gpus, s.num_cpus)
+    losses, ids = [], []
+    for batch in actor_pipeline(table, cfg.data, step).iter_batches(batch_size=None, batch_format="numpy"):
+        ok = np.asarray([r == "" for r in batch["reject"]], dtype=bool)
+        losses.append(batch["score_t"][ok])
+        ids += [str(i) for i in batch["image_id"][ok]]
+    per_t = np.concatenate(losses) if losses else np.zeros((0, s.num_timesteps))
+    trivial = trivial_loss(s.seed, ids, s.num_timesteps, (cfg.latent_channels, cfg.latent_size, cfg.latent_size))
+    result = gate(per_t, trivial, s.gate_max_ratio)
+    timer.done(result.rows, f"held-out loss {result.heldout_loss:.4f} vs {result.trivial_loss:.4f} for predicting zero "
+                            f"(ratio {result.ratio:.3f}, at most {s.gate_max_ratio})")
+    if not result.passed:
+        trained = (f"the embedded scorer was trained {s.scorer_train_steps} steps: raise score.scorer_train_steps"
+                   if s.scorer is None else f"check that score.scorer={s.scorer!r} is a trained checkpoint")
+        raise ConfigError(
+            f"score: the scorer is not clearly better than predicting zero noise, so its scores would rank images "
+            f"at chance. Its loss on {result.rows} held-out images is {result.heldout_loss:.4f} against "
+            f"{result.trivial_loss:.4f} for ε̂=0 (ratio {result.ratio:.3f} > score.gate_max_ratio={s.gate_max_ratio}). "
+            f"Nothing was scored. Fix: {trained}; or raise score.gate_max_ratio to score anyway.")
+    run.scores.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(saved, result.to_dict() | {"scorer": scorer_spec})
+    return result.to_dict() | {"scorer": scorer_spec}
 
 
 def score_stage(cfg: D2CConfig, listing: Listing, run: RunDir, scorer_spec: str) -> dict[str, Any]:
@@ -533,6 +594,16 @@ def _select_group(group: pd.DataFrame, n: int, method: str, k: int, shortfall: s
     return sel
 
 
+def read_reports(out_dir: Location) -> list[ClassSelection]:
+    """The per-class reports of a complete selection; one written under OLD_REPORTS_FILE is moved to
+    REPORTS_FILE (a non-"_" file makes the directory unreadable as a Parquet dataset)."""
+    old = out_dir / OLD_REPORTS_FILE
+    if not (out_dir / REPORTS_FILE).is_file() and old.is_file():
+        write_json_atomic(out_dir / REPORTS_FILE, json.loads(old.read_text()))
+        old.unlink()
+    return [ClassSelection(**r) for r in json.loads((out_dir / REPORTS_FILE).read_text())]
+
+
 def select_stage(
     cfg: D2CConfig, scores_dir: Location, out_dir: Location, num_classes: int, features_dir: Optional[Location] = None
 ) -> tuple[pd.DataFrame, list[ClassSelection]]:
@@ -552,7 +623,7 @@ def select_stage(
     settings = selection_settings(cfg, scores_dir, features_dir)
     if check_settings(out_dir / SETTINGS_FILE, settings, "selection", "") and (out_dir / SUCCESS_FILE).is_file():
         sel = (out_dir / "selection.parquet").read_pandas()
-        reports = [ClassSelection(**r) for r in json.loads((out_dir / "reports.json").read_text())]
+        reports = read_reports(out_dir)
         print(f"[d2c] selection: complete in {out_dir} — reused", flush=True)
         return sel, reports
     timer = StageTimer("selection")
@@ -583,7 +654,7 @@ def select_stage(
     out_dir.rmtree()
     out_dir.mkdir(parents=True)
     (out_dir / "selection.parquet").write_parquet(sel)
-    write_json_atomic(out_dir / "reports.json", [r.to_dict() for r in reports])
+    write_json_atomic(out_dir / REPORTS_FILE, [r.to_dict() for r in reports])
     write_json_atomic(out_dir / SETTINGS_FILE, settings)
     (out_dir / SUCCESS_FILE).write_text("")
     record("select", "rows_selected", len(sel))
@@ -731,7 +802,7 @@ def run_condense(cfg: D2CConfig) -> int:
     t0 = time.perf_counter()
     listing = list_source(cfg.data)
     try:
-        per_class_budget(cfg.select.budget, listing.num_classes)
+        check_feasible(listing.class_counts(), cfg.select.budget, cfg.select.method, cfg.select.k, cfg.select.shortfall)
     except SelectionError as err:
         raise ConfigError(str(err)) from None
     if cfg.select.shortfall == "error" and listing.empty_classes:
@@ -739,6 +810,11 @@ def run_condense(cfg: D2CConfig) -> int:
     run = RunDir(cfg.run_dir)
     init_ray(cfg)
     check_shared_storage(cfg, {"run_dir": cfg.run_dir, "score.reuse_from": cfg.score.reuse_from})
+    check_placement(cfg, "attach")
+    if not cfg.score.reuse_from:
+        check_placement(cfg, "score")
+    if cfg.select.needs_features:
+        check_placement(cfg, "features")
     run.root.mkdir(parents=True, exist_ok=True)
     print(f"[d2c] condense: {len(listing.rows)} images in {listing.num_classes} classes -> {run.root}", flush=True)
     for note in listing.notes:
@@ -749,9 +825,12 @@ def run_condense(cfg: D2CConfig) -> int:
         if cfg.score.reuse_from:
             source = reused_scores(cfg, listing)
             scorer, score_stats = json.loads((source.scores / SETTINGS_FILE).read_text())["scorer"], {}
+            gate_file = source.scores / GATE_FILE
+            gate_stats = json.loads(gate_file.read_text()) if gate_file.is_file() else None
         else:
             source = run
             scorer = resolve_scorer(cfg)
+            gate_stats = scorer_gate(cfg, listing, run, scorer)
             score_stats = score_stage(cfg, listing, run, scorer)
         features_dir, feature_stats = prepare_features(cfg, listing, run, source) if cfg.select.needs_features else (None, {})
         sel, reports = select_stage(cfg, source.scores, run.selection, listing.num_classes, features_dir)
@@ -766,6 +845,7 @@ def run_condense(cfg: D2CConfig) -> int:
         "config": cfg.to_dict(),
         "versions": _versions(),
         "scorer": scorer,
+        "scorer_gate": gate_stats,
         "class_names": listing.class_names,
         "notes": listing.notes,
         "rows": {

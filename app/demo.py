@@ -20,14 +20,19 @@ from typing import Any, Callable, Optional
 from app.compare import describe
 from app.ray_session import init_ray, quiet_data_context
 from app.stages import write_json_atomic
+from app.variants import variant_config
 from d2c.config import D2CConfig, apply_overrides, build_config
 
-#: The variants the demo compares: D2C (select + attach) and the random baseline
-#: (random selection, plain class conditioning — DiT's own recipe on the same budget).
-VARIANTS = ("d2c", "random")
+#: The variants the demo compares (app.variants): D2C (select + attach), Random + Attach (the same
+#: Attach on a random selection: Select's own effect) and Random (DiT's own recipe on the same budget).
+VARIANTS = ("d2c", "random_attach", "random")
 
 #: FID(d2c) - FID(random) with its bootstrap interval (app.compare), beside demo.json.
 COMPARISON_FILE = "comparison.json"
+#: Every pair the demo compares: (a, b) → file; the first is COMPARISON_FILE.
+COMPARISONS = {("d2c", "random"): COMPARISON_FILE,
+               ("random_attach", "random"): "comparison-random_attach-vs-random.json",
+               ("d2c", "random_attach"): "comparison-d2c-vs-random_attach.json"}
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "embedded.yaml"
 
@@ -41,27 +46,10 @@ def demo_config(cfg: D2CConfig, quick: bool, user_overrides: list[str]) -> D2CCo
     return build_config(apply_overrides(raw, staged + list(user_overrides)))
 
 
-def variant_config(cfg: D2CConfig, out: Path, variant: str, scorer: str) -> D2CConfig:
-    """The config of one variant, with its own run/train/eval directories under ``out``."""
-    root = out / variant
-    over = [
-        f"run_dir={root / 'condense'}",
-        f"condensed={root / 'condense' / 'condensed'}",
-        f"train_dir={root / 'train'}",
-        f"eval_dir={root / 'eval'}",
-        f"checkpoint={root / 'train' / 'checkpoints'}",
-        f"score.scorer={scorer}",
-    ]
-    if variant == "random":
-        over += [
-            f"score.reuse_from={out / 'd2c' / 'condense'}",
-            "select.method=random",
-            "attach.text.encoder=none",
-            "attach.vision.encoder=none",
-            "model.use_text=false",
-            "model.use_visual=false",
-        ]
-    return build_config(apply_overrides(cfg.to_dict(), over))
+def demo_variant_config(cfg: D2CConfig, out: Path, variant: str, scorer: str) -> D2CConfig:
+    """The config of one variant, with its own run/train/eval directories under ``out / variant``;
+    every variant but d2c selects from d2c's scores."""
+    return variant_config(cfg, variant, out / variant, None if variant == "d2c" else out / "d2c" / "condense", scorer)
 
 
 class StageClock:
@@ -96,20 +84,23 @@ def _metrics_table(out: Path) -> str:
     return "\n".join(rows)
 
 
-def compare_variants(cfg: D2CConfig, cfgs: dict[str, D2CConfig], out_dir: Path) -> Optional[dict[str, Any]]:
-    """FID(d2c) - FID(random) with a paired bootstrap interval → ``OUT/comparison.json`` (None when
-    ``eval.bootstrap_rounds`` is 0; 200 rounds when it is None)."""
+def compare_variants(cfg: D2CConfig, cfgs: dict[str, D2CConfig], out_dir: Path) -> dict[str, dict[str, Any]]:
+    """FID(a) - FID(b) with a paired bootstrap interval for every pair of :data:`COMPARISONS` →
+    ``OUT/comparison*.json``; returns file name → result (empty when ``eval.bootstrap_rounds`` is 0;
+    200 rounds when it is None)."""
     from app.compare import compare_evals
     from d2c.config import DEFAULT_BOOTSTRAP_ROUNDS
 
     rounds = cfg.eval.bootstrap_rounds
     if rounds == 0:
-        return None
-    a, b = VARIANTS
-    result = compare_evals(cfgs[a].eval_dir, cfgs[b].eval_dir, rounds=rounds or DEFAULT_BOOTSTRAP_ROUNDS,
-                           level=cfg.eval.bootstrap_level, seed=cfg.eval.seed, names=(a, b))
-    write_json_atomic(out_dir / COMPARISON_FILE, result)
-    return result
+        return {}
+    results = {}
+    for (a, b), name in COMPARISONS.items():
+        result = compare_evals(cfgs[a].eval_dir, cfgs[b].eval_dir, rounds=rounds or DEFAULT_BOOTSTRAP_ROUNDS,
+                               level=cfg.eval.bootstrap_level, seed=cfg.eval.seed, names=(a, b))
+        write_json_atomic(out_dir / name, result)
+        results[name] = result
+    return results
 
 
 def run_demo(
@@ -134,14 +125,14 @@ def run_demo(
     quiet_data_context(cfg=cfg)
     clock = StageClock()
     scorer = cfg.score.scorer or str(clock.run("scorer (train from scratch, cached)", lambda: ensure_embedded_scorer(cfg)))
-    cfgs = {v: variant_config(cfg, out_dir, v, scorer) for v in VARIANTS}
+    cfgs = {v: demo_variant_config(cfg, out_dir, v, scorer) for v in VARIANTS}
     for v in VARIANTS:
         clock.run(f"condense ({v})", lambda v=v: run_condense(cfgs[v]))
     for v in VARIANTS:
         clock.run(f"train ({v})", lambda v=v: run_train(cfgs[v]))
     for v in VARIANTS:
         clock.run(f"evaluate ({v})", lambda v=v: run_evaluate(cfgs[v]))
-    comparison = clock.run("compare (bootstrap)", lambda: compare_variants(cfg, cfgs, out_dir))
+    comparisons = clock.run("compare (bootstrap)", lambda: compare_variants(cfg, cfgs, out_dir))
     summary = {
         "quick": quick,
         "config": cfg.to_dict(),
@@ -149,12 +140,13 @@ def run_demo(
         "scorer": scorer,
         "runs": {v: {"condense": c.run_dir, "train": c.train_dir, "eval": c.eval_dir} for v, c in cfgs.items()},
         "timings_s": clock.timings,
-        "comparison": COMPARISON_FILE if comparison else None,
+        "comparison": COMPARISON_FILE if comparisons else None,
+        "comparisons": list(comparisons),
     }
     write_json_atomic(out_dir / "demo.json", summary)
     report = clock.run("report", lambda: write_report([str(out_dir)], str(out_dir / "report.html")))
     table = _metrics_table(out_dir)
-    if comparison:
-        table += "\n\n" + describe(comparison)
+    for result in comparisons.values():
+        table += "\n\n" + describe(result)
     print(f"\n{table}\n\n[d2c] demo: total {sum(clock.timings.values()):.0f} s; report: {report}", flush=True)
     return 0

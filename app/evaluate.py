@@ -39,8 +39,9 @@ from typing import Any, Optional
 import numpy as np
 
 from app.ray_session import check_shared_storage, init_ray, quiet_data_context
-from app.stages import (StageSettingsError, StageTimer, actor_device, check_settings, decoded, listing_table, non_default,
-                        table_blocks, write_json_atomic)
+from app.resources import check_placement
+from app.stages import (ProgressLine, StageSettingsError, StageTimer, actor_device, check_settings, decoded, listing_table,
+                        non_default, table_blocks, write_json_atomic)
 from d2c.config import ConfigError, D2CConfig, DataConfig, build_config, check_model_path
 from d2c.storage import Location, StorageError, is_uri, location
 
@@ -378,10 +379,14 @@ def add_inception_stage(ds, cfg: D2CConfig, keep_images: bool):
     )
 
 
-def _collect(ds, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """Every batch of ``ds`` on the driver, the given columns concatenated (missing ones skipped)."""
+def _collect(ds, columns: tuple[str, ...], stage: str, total: int) -> dict[str, np.ndarray]:
+    """Every batch of ``ds`` on the driver, the given columns concatenated (missing ones skipped);
+    ``stage`` and ``total`` (rows) name its plain progress line."""
     parts: dict[str, list[np.ndarray]] = {c: [] for c in columns}
+    progress, seen = ProgressLine(stage, total), 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        seen += len(next(iter(batch.values())))
+        progress.update(seen)
         for c in columns:
             if c in batch:
                 parts[c].append(batch[c])
@@ -503,7 +508,7 @@ def featurise_dataset(cfg: D2CConfig, rows: list[dict[str, Any]], data_cfg: Data
     ds = ray.data.from_arrow(table_blocks(table, cfg.eval.inception_batch_size))
     ds = decoded(ds, data_cfg)
     ds = add_inception_stage(ds, cfg, keep_images=False)
-    out = _collect(ds, ("pos", "label", "reject", "pool", "spatial"))
+    out = _collect(ds, ("pos", "label", "reject", "pool", "spatial"), "reference features", len(rows))
     order = np.argsort(out["pos"], kind="stable")
     return {k: v[order] for k, v in out.items()}
 
@@ -522,7 +527,7 @@ def featurise_images(cfg: D2CConfig, images: np.ndarray) -> dict[str, np.ndarray
               for s in range(0, len(images), step)]
     ds = ray.data.from_arrow(tables)
     ds = add_inception_stage(ds, cfg, keep_images=False)
-    out = _collect(ds, ("pos", "pool", "spatial"))
+    out = _collect(ds, ("pos", "pool", "spatial"), "reference features", len(images))
     order = np.argsort(out["pos"], kind="stable")
     return {k: v[order] for k, v in out.items()}
 
@@ -713,7 +718,7 @@ def draw_samples(cfg: D2CConfig, ckpt: Location, text_path: Optional[Location]) 
         **_remote(e.num_gpus),
     )
     ds = add_inception_stage(ds, cfg, keep_images=True)
-    out = _collect(ds, ("index", "label", "image", "pool", "spatial", "logits"))
+    out = _collect(ds, ("index", "label", "image", "pool", "spatial", "logits"), "samples", e.num_samples)
     order = np.argsort(out["index"], kind="stable")
     out = {k: v[order] for k, v in out.items()}
     if not np.array_equal(out["index"], np.arange(e.num_samples)):
@@ -829,6 +834,7 @@ def run_evaluate(cfg: D2CConfig) -> int:
               f"(FID {prev.get('fid'):.3f} on {prev.get('num_samples')} samples)", flush=True)
         return 0
     init_ray(cfg)
+    check_placement(cfg, "evaluate")
     # the sampling actors read the checkpoint and text embeddings on whichever node they run
     check_shared_storage(cfg, {"checkpoint": str(ckpt), "eval.text_embeddings": str(text_path) if text_path else None})
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -12,10 +12,13 @@ eval       ``metrics.json``, ``samples.npz``
 sweep      ``results.csv`` or ``results.parquet``
 =========  ==========================================================================
 
-The page: the per-class difficulty-score distributions with the selected ranks marked,
-the easiest / selected / hardest images of each class, the selection's coverage of the
-ranked list, the training curves, sample grids and the metrics table (with the sampler,
-steps, N and reference of every number), timings per stage and the k × budget sweep.
+The page: for a demo, first the verdict — each variant's FID and KID, the paired FID
+differences of every ``d2c compare`` file with their intervals, the variants' sample grids side
+by side, what one run can and cannot show, and the multi-seed study's summary; then the metrics
+table and samples (how every number was produced — sampler, steps, N, reference — folded below
+them), the per-class difficulty-score distributions with the selected ranks marked, the easiest /
+selected / hardest images of each class, the selection's coverage of the ranked list, the
+training curves, timings per stage and the k × budget sweep.
 Figures are PNGs embedded as ``data:`` URIs; the page loads nothing else. Whatever is
 absent is listed as missing instead of failing the report.
 """
@@ -183,6 +186,11 @@ def missing_box(items: Sequence[str]) -> Html:
 
 def details(summary: str, obj: Any) -> Html:
     return Html(f"<details><summary>{esc(summary)}</summary><pre>{esc(json.dumps(obj, indent=2, default=str))}</pre></details>")
+
+
+def fold(summary: str, body: Sequence[str]) -> Html:
+    """Page content folded away under a one-line summary (closed until clicked)."""
+    return Html(f"<details><summary>{esc(summary)}</summary>{''.join(body)}</details>")
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -523,6 +531,8 @@ class Demo:
     path: Path
     data: dict
     missing: list[str] = field(default_factory=list)
+    #: This demo's variants (also in Inputs.variants), for its verdict.
+    variants: list[Variant] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------
@@ -609,7 +619,8 @@ def collect(paths: Sequence[str | Path]) -> Inputs:
             demo = Demo(p, {})
             demo.data = read_json(p / "demo.json", demo.missing) or {}
             inp.demos.append(demo)
-            inp.variants += _demo_variants(demo, loader)
+            demo.variants = _demo_variants(demo, loader)
+            inp.variants += demo.variants
             inp.missing += demo.missing
         if "sweep" in kinds:
             inp.sweeps.append(loader.get("sweep", p))
@@ -1092,14 +1103,21 @@ def not_computed_notes(evals: Sequence[Variant]) -> list[str]:
 
 
 def metrics_table(runs: Sequence[Variant]) -> Html:
-    """Metrics (rows) × models (columns), then the provenance rows, then any further fields."""
+    """Metrics (rows) × models (columns); how they were produced is :func:`provenance_table`."""
     header = ["", *[v.name for v in runs]]
     rows: list[list[Any]] = []
     for name, keys, _ in METRICS:
         cells = [_metric_cell(v.eval, keys) for v in runs]
         if any(c != "—" for c in cells):
             rows.append([Html(f"<b>{esc(name)}</b>"), *cells])
-    rows.append([Html("<i>how the numbers were produced</i>"), *([""] * len(runs))])
+    return table(header, rows, "metrics")
+
+
+def provenance_table(runs: Sequence[Variant]) -> Html:
+    """The provenance rows (sampler, steps, N, reference, …) × models, then every further
+    metrics.json field (fid_bootstrap.*, sampling.*, metric_settings.*, …) as recorded."""
+    header = ["", *[v.name for v in runs]]
+    rows: list[list[Any]] = []
     for name, keys, required in PROVENANCE:
         cells = [_provenance_cell(v.eval, keys, required) for v in runs]
         if required or any(c != "—" for c in cells):
@@ -1108,27 +1126,11 @@ def metrics_table(runs: Sequence[Variant]) -> Html:
     other = sorted({k for v in runs for k, val in v.eval.visible.items() if k not in shown and not is_timing(k, val)})
     for k in other:
         rows.append([Html(f"<code>{esc(k)}</code>"), *[fmt_value(v.eval.flat[k]) if k in v.eval.flat else "—" for v in runs]])
-    return table(header, rows, "metrics")
-
-
-def comparison_notes(inp: Inputs) -> list[Html]:
-    """A paragraph per demo with a ``comparison.json`` (``d2c compare`` of its two variants)."""
-    out = []
-    for d in inp.demos:
-        name = d.data.get("comparison")
-        if not name:
-            continue
-        result = read_json(d.path / name, inp.missing)
-        iv = (result or {}).get("fid_difference")
-        if not iv:
-            continue
-        pairing = "paired" if iv.get("paired") else "unpaired"
-        out.append(para(f"Is the FID gap real? {result['verdict']} ({iv['rounds']} {pairing} bootstrap rounds over "
-                        f"{iv['resampled']}; std {fmt_num(iv['std'])}; {d.path / name}). {result.get('how', '')}"))
-    return out
+    return table(header, rows, "metrics provenance")
 
 
 def results_section(inp: Inputs) -> Optional[Section]:
+    """The metrics, the samples, and — folded away — how every number was produced."""
     evals = [v for v in inp.variants if v.eval is not None]
     if not evals:
         return None
@@ -1136,15 +1138,19 @@ def results_section(inp: Inputs) -> Optional[Section]:
     with_metrics = [v for v in evals if v.eval.metrics]
     if with_metrics:
         body.append(metrics_table(with_metrics))
-        body.append(Html("<ul class=\"how\">" + "".join(f"<li>{esc(how_produced(v))}</li>" for v in with_metrics) + "</ul>"))
-        body.append(para(metric_definitions([v.eval for v in with_metrics]) + " ↓ lower is better, ↑ higher is better. Rows in code "
-                      "font are further fields of metrics.json, shown as recorded."))
+        body.append(para(metric_definitions([v.eval for v in with_metrics]) + " ↓ lower is better, ↑ higher is better."))
         body += [para(n) for n in not_computed_notes(with_metrics)]
-        body += comparison_notes(inp)
+    body.append(samples_figure(evals))
+    if with_metrics:
+        # The provenance rows (dozens with fid_bootstrap.*, sampling.*, metric_settings.*) are folded so the numbers and pictures lead.
+        prov = [Html("<ul class=\"how\">" + "".join(f"<li>{esc(how_produced(v))}</li>" for v in with_metrics) + "</ul>"),
+                provenance_table(with_metrics),
+                para("Rows in code font are further fields of metrics.json, shown as recorded.")]
         for v in with_metrics:
             if isinstance(v.eval.metrics.get("config"), Mapping):
-                body.append(details(f"evaluation config of {v.name} ({v.eval.path / 'metrics.json'})", v.eval.metrics["config"]))
-    body.append(samples_figure(evals))
+                prov.append(details(f"evaluation config of {v.name} ({v.eval.path / 'metrics.json'})", v.eval.metrics["config"]))
+        body.append(fold("How the numbers were produced: sampler, steps, N, reference, checkpoint and every further "
+                         "metrics.json field", prov))
     return section("results", "Results: metrics and samples", body)
 
 
@@ -1173,6 +1179,216 @@ def samples_figure(evals: Sequence[Variant]) -> Html:
            f"The first (up to) {SAMPLE_COLS * SAMPLE_ROWS_UNLABELLED} samples of each model in EVAL/samples.npz (no labels stored)")
     cap += ". Sampler, steps and N (images in samples.npz) in each title; the metrics table says what they were compared against."
     return Html(figure(plots.plot_montages(panels, row_labels, tile, colors), "samples", cap) + missing_box(missing))
+
+
+# ---------------------------------------------------------------------------
+# The verdict: what a demo run shows, first on the page
+# ---------------------------------------------------------------------------
+#: The multi-seed fidelity study (benchmarks/fidelity.py) in the repository this file belongs to;
+#: a module constant so that a test can point it elsewhere.
+STUDY_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "fidelity"
+STUDY_README = "README.md"
+STUDY_SUMMARY = "summary.csv"
+STUDY_COLUMNS = ("variant", "seeds", "fid_mean", "fid_std", "kid_mean", "kid_std")
+#: Where the report points readers (its own path relative to the repository is not known).
+STUDY_TEXT = "The multi-seed study: benchmarks/results/fidelity/README.md in the d2c repository"
+#: The overview sample grid d2c evaluate writes (d2c.eval.grid), relative to EVAL.
+GRID_OVERVIEW = "grids/overview.png"
+#: Longest side, in pixels, of an embedded sample grid (larger ones — many classes, big images — are shrunk).
+MAX_GRID_PX = 1024
+#: What one demo run can and cannot show.
+LIMITS = ("One demo run is one training seed per variant. Its bootstrap intervals cover the noise of sampling (which "
+          "noise seeds and labels were drawn) and of the reference images, not training randomness: retraining with "
+          "another seed moves every FID too. Whether D2C's lead holds across training seeds is what the multi-seed study "
+          "measures.")
+
+
+def display_name(name: str) -> str:
+    """A variant's human-readable name (app.variants.LABELS), else its own."""
+    from app.variants import LABELS  # imported here: it loads the config models, which the rest of the page does not need
+
+    return LABELS.get(name, name)
+
+
+def comparison_files(demo: Demo, missing: list[str]) -> list[str]:
+    """demo.json's comparison files: ``comparisons`` (every pair), else the older single ``comparison``."""
+    data = demo.data
+    if "comparisons" in data:
+        names = data.get("comparisons") or []
+        if not isinstance(names, list):
+            missing.append(f"{demo.path / 'demo.json'}: 'comparisons' is not a list of file names")
+            return []
+        return [str(n) for n in names if n]
+    return [str(data["comparison"])] if data.get("comparison") else []
+
+
+def _signed(x: Any) -> str:
+    """A difference to two decimals with its sign, as d2c compare's verdict writes it."""
+    try:
+        return f"{float(x):+.2f}"
+    except (TypeError, ValueError):
+        return "—"
+
+
+def _level(iv: Mapping[str, Any]) -> str:
+    level = iv.get("level")
+    return f"{round(100 * float(level))} %" if isinstance(level, (int, float)) else "?"
+
+
+def comparison_row(path: Path, result: Any, missing: list[str]) -> Optional[list[Any]]:
+    """One row of the comparisons table from a ``d2c compare`` result (None, noted, when malformed)."""
+    iv = result.get("fid_difference") if isinstance(result, Mapping) else None
+    if not isinstance(iv, Mapping) or any(k not in iv for k in ("point", "low", "high")):
+        missing.append(f"{path}: no fid_difference with point, low and high")
+        return None
+    a, b = result.get("a") or {}, result.get("b") or {}
+    name_a, name_b = display_name(str(a.get("name", "a"))), display_name(str(b.get("name", "b")))
+    share = iv.get("share_a_better")
+    pairing = "paired" if iv.get("paired") else "unpaired"
+    return [f"{name_a} − {name_b}", _signed(iv["point"]),
+            f"[{_signed(iv['low'])}, {_signed(iv['high'])}]",
+            f"{round(100 * share)} %" if isinstance(share, (int, float)) else "—",
+            str(result.get("verdict", "—")),
+            f"{fmt_num(iv.get('rounds'))} {pairing} rounds over {iv.get('resampled', '?')}, std {fmt_num(iv.get('std'))}; {path.name}"]
+
+
+def comparisons_table(demo: Demo, missing: list[str]) -> list[Html]:
+    """The paired FID differences of every comparison file of the demo, one row each."""
+    files = comparison_files(demo, missing)
+    if not files:
+        return [para("No comparison files in demo.json (eval.bootstrap_rounds=0, or a demo from before d2c compare): "
+                     "the FID gaps above have no interval.")]
+    rows, levels, how = [], set(), ""
+    for name in files:
+        result = read_json(demo.path / name, missing)
+        row = comparison_row(demo.path / name, result, missing) if result is not None else None
+        if row is not None:
+            rows.append(row)
+            levels.add(_level(result["fid_difference"]))
+            how = how or str(result.get("how", ""))
+    if not rows:
+        return []
+    level = levels.pop() if len(levels) == 1 else "level in each row's file"
+    out = [table(["a − b", "ΔFID = FID(a) − FID(b)", f"{level} interval of ΔFID", "a lower in … of rounds", "verdict",
+                  "bootstrap (d2c compare)"], rows, "verdict")]
+    out.append(para("Is the FID gap real? ΔFID < 0: a has the lower (better) FID. An interval wholly below or above 0 "
+                    "resolves the gap at this N; one that spans 0 does not. " + how))
+    return out
+
+
+def fid_interval_text(run: EvalRun) -> str:
+    """The evaluation's own FID bootstrap interval (metrics.json fid_bootstrap), or — when absent."""
+    boot = (run.metrics or {}).get("fid_bootstrap")
+    if not isinstance(boot, Mapping) or "low" not in boot or "high" not in boot:
+        return "—"
+    return f"[{fmt_num(boot['low'])}, {fmt_num(boot['high'])}] ({_level(boot)})"
+
+
+def variant_scores_table(variants: Sequence[Variant]) -> Html:
+    """FID (with its interval), KID and N of each variant, formatted as in the metrics table."""
+    rows = []
+    for v in variants:
+        ev = v.eval
+        if ev is None or not ev.metrics:
+            rows.append([display_name(v.name), "—", "—", "—", "no metrics.json"])
+            continue
+        n = eval_value(ev, N_KEYS)[1] or ev.num_samples_file
+        rows.append([display_name(v.name), _metric_cell(ev, METRICS[0][1]), fid_interval_text(ev), _metric_cell(ev, METRICS[1][1]),
+                     fmt_num(n)])
+    return table(["variant", METRICS[0][0], "FID interval (samples and reference resampled)", f"{METRICS[1][0]} (mean ± std)",
+                  "N samples"], rows, "verdict")
+
+
+def grid_png(run: EvalRun) -> tuple[Optional[bytes], str]:
+    """An evaluation's overview sample grid as PNG bytes, and where it came from.
+
+    EVAL/grids/overview.png as d2c evaluate wrote it (metrics.json files.grids names it); for an
+    evaluation without one, a grid drawn from samples.npz; ``(None, why)`` when neither exists.
+    """
+    recorded = [g for g in ((run.metrics or {}).get("files") or {}).get("grids") or [] if str(g).endswith("overview.png")]
+    path = run.path / (recorded[0] if recorded else GRID_OVERVIEW)
+    if path.is_file():
+        try:
+            return plots.fit_png(path.read_bytes(), MAX_GRID_PX), str(path)
+        except OSError as err:
+            return None, f"{path}: unreadable ({err})"
+    if run.num_samples_file:
+        labels = run.sample_labels
+        rows = load_sample_rows(run, shown_classes(np.unique(labels)) if labels is not None else [])
+        if any(rows):
+            return (plots.fit_png(plots.array_png(plots.montage(rows, SAMPLE_COLS)), MAX_GRID_PX),
+                    f"{run.path / 'samples.npz'} (no {GRID_OVERVIEW}: drawn from the samples)")
+    return None, f"{path}: not found, and no samples.npz to draw from"
+
+
+def sample_grids(variants: Sequence[Variant]) -> Html:
+    """The variants' sample grids side by side."""
+    cells, missing = [], []
+    for v in variants:
+        if v.eval is None:
+            missing.append(f"{v.name}: no evaluation")
+            continue
+        png, src = grid_png(v.eval)
+        if png is None:
+            missing.append(f"{v.name}: {src}")
+            continue
+        alt = f"sample grid — {v.name}"
+        cells.append(f'<figure><img src="{plots.png_data_uri(png)}" alt="{esc(alt)}"><figcaption><b>{esc(display_name(v.name))}</b>'
+                     f" · FID {esc(_metric_cell(v.eval, METRICS[0][1]) if v.eval.metrics else '—')}<br>{esc(src)}</figcaption></figure>")
+    if not cells:
+        return missing_box(missing or ["no sample grids"])
+    # Equal eval.seed and N draw the same labels and noise in the same order (app.compare's pairing), so cell i matches across grids.
+    drawn = {(eval_value(v.eval, ("seed",))[1], eval_value(v.eval, N_KEYS)[1]) for v in variants if v.eval is not None and v.eval.metrics}
+    same = (" The variants share eval.seed and N, so the same cell of each grid started from the same noise and class label: "
+            "the differences are the models'." if len(drawn) == 1 and None not in next(iter(drawn)) else "")
+    cap = ("Samples of each variant side by side: EVAL/grids/overview.png as d2c evaluate wrote it, one row per class "
+           "(the first eval.grid_per_class samples of each class)." + same)
+    return Html(f'<div class="grids">{"".join(cells)}</div>' + para(cap) + missing_box(missing))
+
+
+def study_summary() -> list[Html]:
+    """Where the multi-seed study is, and its summary table when this repository holds one."""
+    out = [para(STUDY_TEXT + ".")]
+    summary = STUDY_DIR / STUDY_SUMMARY
+    if not (STUDY_DIR / STUDY_README).is_file() or not summary.is_file():
+        out.append(para(f"The study has not been run in this copy of the repository (no {STUDY_README} and {STUDY_SUMMARY} in "
+                        f"{STUDY_DIR}); benchmarks/fidelity.py runs it."))
+        return out
+    try:
+        df = pd.read_csv(summary)
+    except (OSError, ValueError) as err:
+        return out + [missing_box([f"{summary}: unreadable ({err})"])]
+    absent = [c for c in STUDY_COLUMNS if c not in df]
+    if absent:
+        return out + [missing_box([f"{summary}: lacks column(s) {', '.join(absent)}"])]
+
+    def pm(mean: Any, std: Any) -> str:
+        return fmt_num(mean) + ("" if pd.isna(std) else f" ± {fmt_num(std)}")
+
+    rows = [[display_name(str(r["variant"])), fmt_num(r["seeds"]), pm(r["fid_mean"], r["fid_std"]), pm(r["kid_mean"], r["kid_std"])]
+            for _, r in df.iterrows()]
+    out.append(table(["variant", "training seeds", "FID (mean ± std over seeds)", "KID (mean ± std over seeds)"], rows, "verdict"))
+    out.append(para(f"From {summary}. The study runs its own regime (budget, training steps, N: its README says which): "
+                    "compare its rows with each other, not number for number with this run's."))
+    return out
+
+
+def verdict_section(inp: Inputs) -> Optional[Section]:
+    """A demo's opening: each variant's FID and KID, the paired FID differences, the sample grids
+    side by side, what one run can and cannot show, and the multi-seed study."""
+    if not inp.demos:
+        return None
+    body: list[str] = []
+    for d in inp.demos:
+        if len(inp.demos) > 1:
+            body.append(Html(f"<h3>{esc(d.path)}</h3>"))
+        if d.variants:
+            body.append(variant_scores_table(d.variants))
+        body += comparisons_table(d, inp.missing)
+        body.append(sample_grids(d.variants))
+    body.append(Html(f'<div class="idea"><b>What one run can show.</b> {esc(LIMITS)}</div>'))
+    body += study_summary()
+    return section("verdict", "Verdict: D2C against the baselines", body)
 
 
 def collect_timings(inp: Inputs) -> list[tuple[str, str, float]]:
@@ -1268,23 +1484,31 @@ table.metrics td:not(:first-child){text-align:right;font-variant-numeric:tabular
 .missing ul{margin:4px 0;padding-left:18px} ul.how{font-size:13px;color:#333} code{font-size:12px}
 details{margin:6px 0} pre{background:#f6f8fa;padding:8px;max-height:420px;overflow:auto;font-size:12px}
 nav a{margin-right:14px;color:#2e86ab;text-decoration:none}
+table.verdict td:not(:first-child){font-variant-numeric:tabular-nums}
+.grids{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start} .grids figure{flex:1 1 260px;max-width:400px;margin:8px 0}
+.grids img{width:100%;image-rendering:pixelated} details>summary{cursor:pointer;color:#2e86ab}
 """
 
 
 def render(inp: Inputs) -> str:
     """The whole page for the collected inputs."""
+    verdict = verdict_section(inp)
     sections = [s for s in (results_section(inp), select_section(inp), train_section(inp), timings_section(inp), sweep_section(inp)) if s]
     sections.append(inputs_section(inp))
-    nav = "".join(f'<a href="#{esc(s.id)}">{esc(s.title.split(":")[0])}</a>' for s in sections)
+    nav = "".join(f'<a href="#{esc(s.id)}">{esc(s.title.split(":")[0])}</a>' for s in ([verdict] if verdict else []) + sections)
     head = [f"<h1>D2C report</h1><p class=\"sub\">Written {esc(_dt.datetime.now().isoformat(timespec='seconds'))} by "
             f"<code>d2c report</code> from {esc(', '.join(str(p) for p, _ in inp.sources))}</p>",
-            f'<nav>{nav}</nav>', f'<div class="idea">{esc(IDEA)}</div>']
+            f'<nav>{nav}</nav>']
     for d in inp.demos:
         names = ", ".join(v.name for v in inp.variants)
         quick = (" Quick mode: fewer steps and samples than the full demo, the same stages — numbers are for shape, not for citing."
                  if d.data.get("quick") else "")
         head.append(f'<div class="banner">d2c demo ({esc(d.path)}): the variants {esc(names)} were trained and evaluated '
                     f"the same way and differ only in how the training subset was chosen and attached.{esc(quick)}</div>")
+    # A demo's page opens with its verdict; the method's idea and the list of missing parts follow it.
+    if verdict:
+        head.append(verdict.html())
+    head.append(f'<div class="idea">{esc(IDEA)}</div>')
     head.append(missing_box(inp.missing))
     return ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>D2C report</title>"
             f"<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\"><style>{CSS}</style></head>"

@@ -2,7 +2,9 @@
 
 Every function takes plain pandas/numpy inputs that :mod:`app.report` has already read
 from the artifacts and returns a ``matplotlib.figure.Figure``; :func:`to_data_uri`
-renders one to an embeddable ``data:image/png;base64,…`` string. Nothing here reads files.
+renders one to an embeddable ``data:image/png;base64,…`` string (:func:`png_data_uri` and
+:func:`fit_png` do the same for ready-made PNGs, such as an evaluation's sample grid). Nothing here
+reads files.
 """
 
 from __future__ import annotations
@@ -70,6 +72,38 @@ def to_png(fig: Figure) -> bytes:
 def to_data_uri(fig: Figure) -> str:
     """Render ``fig`` with the Agg canvas and return ``data:image/png;base64,…``."""
     return "data:image/png;base64," + base64.b64encode(to_png(fig)).decode("ascii")
+
+
+def png_data_uri(png: bytes) -> str:
+    """PNG file bytes as ``data:image/png;base64,…``."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def array_png(image: np.ndarray) -> bytes:
+    """A uint8 ``[H, W, 3]`` (or ``[H, W]``) picture as PNG file bytes."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def fit_png(png: bytes, max_px: int) -> bytes:
+    """PNG bytes whose longer side is at most ``max_px`` (shrunk with Lanczos, else returned as given).
+
+    Raises:
+        OSError: the bytes are not an image PIL can read.
+    """
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as im:
+        if im.format == "PNG" and max(im.size) <= max_px:
+            return png
+        im = im.convert("RGB") if im.mode not in ("L", "RGB") else im.copy()
+    im.thumbnail((max_px, max_px), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _figure(width_in: float, height_in: float) -> Figure:

@@ -30,8 +30,8 @@ from typing import Any, Optional
 import numpy as np
 
 from app.metrics import record
-from app.ray_session import check_shared_storage, init_ray, quiet_data_context
-from app.stages import ActorStep, actor_device, actor_pipeline, add_image_key, image_keys, listing_table
+from app.ray_session import check_shared_storage, init_ray, quiet_data_context, quiet_train_worker, train_logging_config
+from app.stages import ActorStep, ProgressLine, actor_device, actor_pipeline, add_image_key, image_keys, listing_table
 from d2c.config import ConfigError, D2CConfig, build_config, check_paths
 from d2c.storage import JsonlLog, Location, append_line, location
 
@@ -122,14 +122,18 @@ class EncodeFull:
         return {"label": batch["label"][ok].astype(np.int64), "latent": z.reshape(len(z), -1), "key": image_keys(ids)}
 
 
-def full_inputs(cfg: D2CConfig) -> dict[str, Any]:
-    """The raw dataset as a materialised Ray Dataset of (latent, label)."""
+def full_inputs(cfg: D2CConfig, holdout: int = 0) -> dict[str, Any]:
+    """The raw dataset as a materialised Ray Dataset of (latent, label), without the ``holdout``
+    rows of the scorer quality gate (:func:`d2c.select.gate.holdout_positions`)."""
     from d2c.data.source import list_source
+    from d2c.select.gate import holdout_positions
 
     listing = list_source(cfg.data)
+    held = set(holdout_positions(len(listing.rows), holdout).tolist())
+    rows = [r for i, r in enumerate(listing.rows) if i not in held]
     s = cfg.score
     step = ActorStep(EncodeFull, {"cfg_dict": cfg.to_dict()}, s.batch_size, s.min_actors, s.max_actors, s.num_gpus, s.num_cpus)
-    ds = actor_pipeline(listing_table(listing.rows, s.shard_rows), cfg.data, step).materialize()
+    ds = actor_pipeline(listing_table(rows, s.shard_rows), cfg.data, step).materialize()
     shapes = {"latent": [cfg.latent_channels, cfg.latent_size, cfg.latent_size]}
     return {"dataset": ds, "shapes": shapes, "text": None, "num_classes": listing.num_classes, "rows": ds.count()}
 
@@ -220,6 +224,9 @@ class ShardBatches:
             self._fill()
         n = len(self.rows["key"])
         gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, epoch, self.rank]).generate_state(1)[0]))
+        if n < self.per_worker:
+            raise RuntimeError(f"this worker's shard has {n} rows, fewer than one batch of {self.per_worker}: "
+                               "lower train.batch_size")
         perm = torch.randperm(n, generator=gen)
         for i in range(n // self.per_worker):
             idx = perm[i * self.per_worker : (i + 1) * self.per_worker]
@@ -237,6 +244,7 @@ def train_loop_per_worker(config: dict) -> None:
     from d2c.train.objective import D2CObjective
     from d2c.train.trainer import Trainer
 
+    quiet_train_worker()
     cfg = build_config(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -245,7 +253,7 @@ def train_loop_per_worker(config: dict) -> None:
     if not use_gpu:
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     kwargs = config["dit_kwargs"]
-    model = build_model(kwargs)
+    model = build_model(kwargs, seed=cfg.train.seed)
     objective = D2CObjective.from_config(cfg)
     if world > 1:
         model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": kwargs.get("proj_dim") is not None and objective.proj_coeff == 0})
@@ -278,8 +286,10 @@ def train_loop_per_worker(config: dict) -> None:
     epoch, skip = int(position.get("epoch", 0)), int(position.get("index", 0))
     t_last, imgs = time.perf_counter(), 0
     batches = ShardBatches(shard, per_worker, cfg.train.seed, rank, cfg.train.cache_in_memory)
+    progress = ProgressLine("train", cfg.train.steps, unit="steps", start=trainer.step, enabled=rank == 0)
     while trainer.step < cfg.train.steps:
         index = 0
+        start_step = trainer.step
         for raw in batches.epoch(epoch):
             if index < skip:
                 index += 1
@@ -301,6 +311,7 @@ def train_loop_per_worker(config: dict) -> None:
                 t_last, imgs = now, 0
                 if rank == 0:
                     log.append(metrics)
+                    progress.update(trainer.step, f"loss {metrics['loss']:.4f}, {metrics['images_per_s']:.1f} images/s")
                     record("train", "train_images_per_s", metrics["images_per_s"])
                     record("train", "train_loss", metrics["loss"])
                 checkpoint = staging = None
@@ -317,6 +328,8 @@ def train_loop_per_worker(config: dict) -> None:
                     staging.cleanup()
             if last:
                 break
+        if trainer.step == start_step:  # an epoch without a batch: looping again would spin forever
+            raise RuntimeError(f"epoch {epoch} gave this worker no batch of {per_worker} rows; lower train.batch_size")
         epoch, skip = epoch + 1, 0
 
 
@@ -333,8 +346,22 @@ def worker_resources(cfg: D2CConfig) -> dict[str, float]:
     return resources
 
 
-def fit(cfg: D2CConfig, train_dir: str | Path | Location, full: bool) -> Optional[Location]:
-    """Build the inputs and run the TorchTrainer; returns the latest checkpoint's location."""
+def check_batch_fits(rows: int, batch_size: int, num_workers: int, what: str) -> None:
+    """Refuse a set that gives a worker less than one batch (its epochs would hold no batch)."""
+    per_worker = max(1, batch_size // num_workers)
+    if rows // num_workers >= per_worker:
+        return
+    most = rows // num_workers * num_workers
+    if most == 0:
+        raise ConfigError(f"train: {what} has {rows} rows for train.num_workers={num_workers}: "
+                          f"use at most train.num_workers={max(rows, 1)}")
+    raise ConfigError(f"train: {what} has {rows} rows, fewer than one batch per worker (train.batch_size={batch_size} "
+                      f"over train.num_workers={num_workers} = {per_worker} rows each); set train.batch_size to at most {most}")
+
+
+def fit(cfg: D2CConfig, train_dir: str | Path | Location, full: bool, holdout: int = 0) -> Optional[Location]:
+    """Build the inputs and run the TorchTrainer; returns the latest checkpoint's location.
+    ``holdout``: with ``full``, leave out the scorer gate's held-out rows."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -343,8 +370,14 @@ def fit(cfg: D2CConfig, train_dir: str | Path | Location, full: bool) -> Optiona
     from d2c.train.checkpoint import latest_checkpoint_at
     from d2c.train.trainer import ShapeMismatchError, check_shapes
 
+    from app.resources import check_placement
+
     train_dir = location(train_dir)
-    inputs = full_inputs(cfg) if full else condensed_inputs(cfg)
+    check_placement(cfg, "train")
+    if full:
+        check_placement(cfg, "encode_full")
+    inputs = full_inputs(cfg, holdout) if full else condensed_inputs(cfg)
+    check_batch_fits(inputs["rows"], cfg.train.batch_size, cfg.train.num_workers, "the dataset" if full else f"condensed set {cfg.condensed!r}")
     shapes, text = inputs["shapes"], inputs["text"]
     use_visual = cfg.model.use_visual and not full and "visual" in shapes
     kwargs = dit_kwargs(
@@ -398,6 +431,7 @@ def fit(cfg: D2CConfig, train_dir: str | Path | Location, full: bool) -> Optiona
             storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=RAY_CHECKPOINTS_KEPT),
+            logging_config=train_logging_config(),
             worker_runtime_env={"env_vars": {FAIL_AT_STEP_ENV: os.environ[FAIL_AT_STEP_ENV]}} if os.environ.get(FAIL_AT_STEP_ENV) else None,
         ),
         datasets={"train": ds},
@@ -441,6 +475,8 @@ def scorer_settings(cfg: D2CConfig) -> dict[str, Any]:
         "diffusion": cfg.diffusion.model_dump(),
         "model": {k: getattr(cfg.model, k) for k in ("size", "hidden_size", "depth", "num_heads", "patch_size", "mlp_ratio", "class_dropout_prob")},
         "steps": cfg.score.scorer_train_steps,
+        "holdout_rows": cfg.score.gate_rows,
+        "ema_warmup": True,
         "train": {k: getattr(cfg.train, k) for k in ("batch_size", "lr", "beta1", "beta2", "weight_decay", "clip_norm", "ema_decay", "seed")},
     }
 
@@ -473,6 +509,6 @@ def ensure_embedded_scorer(cfg: D2CConfig) -> Path:
     (out / "settings.json").write_text(json.dumps(settings, indent=2, default=str))
     init_ray(cfg)
     quiet_data_context(cfg=cfg)
-    fit(scorer_config(cfg, out), out, full=True)
+    fit(scorer_config(cfg, out), out, full=True, holdout=cfg.score.gate_rows)
     done.write_text("")
     return out / "checkpoints"

@@ -140,6 +140,12 @@ class ScoreConfig(_Section):
     reuse_from: Optional[str] = None
     #: Steps to train the embedded scorer when ``scorer`` is None.
     scorer_train_steps: int = Field(2000, ge=1)
+    #: Held-out images of the scorer quality gate (evenly spread over the listing; the embedded
+    #: scorer never trains on them). 0 turns the gate off.
+    gate_rows: int = Field(256, ge=0)
+    #: Scoring starts only if the scorer's held-out loss is at most this fraction of the
+    #: trivial predictor's (ε̂ = 0); an untrained scorer sits near 1.
+    gate_max_ratio: float = Field(0.5, gt=0)
     #: The scorer's forward pass: fp32, or bf16/fp16 autocast (tensor-core rate on a GPU; on a
     #: CPU without native bf16/fp16 it is slower). Part of the scores' settings: changing it
     #: against a scored run directory is refused. Agreement with fp32: BENCHMARKS.md.
@@ -208,12 +214,34 @@ class VisionConfig(_Section):
     path: Optional[str] = None
     #: Encoder input resolution in pixels.
     image_size: int = Field(256, ge=16)
+    #: efficientnet_lite0 only: the feature map of the stored visual tokens (the REPA target).
+    #: "head" = the final 1×1 conv after BN + ReLU6 (d = 1280), "head_preact" = before the ReLU6
+    #: (d = 1280), "last_block" = the last MBConv block (d = 320; the projector's proj_dim follows d).
+    #: The kcenter/herding pooled features always use "head" without normalisation.
+    layer: Literal["head", "head_preact", "last_block"] = "head"
+    #: efficientnet_lite0 only: "layernorm" = per-token LayerNorm over d, no affine (signed, zero
+    #: mean, unit variance, as DINOv2's tokens), or "none". Chosen by benchmarks/repa_target.py.
+    normalize: Literal["none", "layernorm"] = "layernorm"
     batch_size: int = Field(64, ge=1)
     min_actors: int = Field(1, ge=1)
     max_actors: int = Field(1, ge=1)
     num_gpus: float = Field(0.0, ge=0)
     #: CPUs reserved per attach actor; on CPU-only machines also its torch thread count.
     num_cpus: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _efficientnet_only(self) -> "VisionConfig":
+        if self.encoder != "efficientnet_lite0":
+            fields = type(self).model_fields
+            changed = [f"attach.vision.{k}={getattr(self, k)}" for k in ("layer", "normalize")
+                       if getattr(self, k) != fields[k].default]
+            if changed:
+                raise ValueError(
+                    f"{' and '.join(changed)} only applies to attach.vision.encoder=efficientnet_lite0, "
+                    f"not {self.encoder!r} (DINOv2's tokens are its LayerNorm'd last hidden state, used as "
+                    "they are); remove the key or set attach.vision.encoder=efficientnet_lite0"
+                )
+        return self
 
 
 class AttachConfig(_Section):

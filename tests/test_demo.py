@@ -18,15 +18,16 @@ def test_quick_demo_end_to_end_and_rerun(ray_session, tmp_path, monkeypatch, cap
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| d2c |" in printed and "| random |" in printed and "report:" in printed
+    assert "| d2c |" in printed and "| random |" in printed and "| random_attach |" in printed and "report:" in printed
     summary = json.loads((out / "demo.json").read_text())
     assert summary["quick"] is True
     num_samples = summary["config"]["eval"]["num_samples"]
     assert num_samples == load_config(summary["config_path"]).demo.quick["eval.num_samples"]  # demo.quick applied
-    for stage in ["scorer (train from scratch, cached)", "condense (d2c)", "condense (random)",
-                  "train (d2c)", "train (random)", "evaluate (d2c)", "evaluate (random)"]:
+    variants = ["d2c", "random_attach", "random"]
+    assert list(summary["runs"]) == variants
+    for stage in ["scorer (train from scratch, cached)"] + [f"{s} ({v})" for s in ("condense", "train", "evaluate") for v in variants]:
         assert stage in summary["timings_s"]
-    for variant in ["d2c", "random"]:
+    for variant in variants:
         m = json.loads((out / variant / "eval" / "metrics.json").read_text())
         assert np.isfinite(m["fid"]) and m["num_samples"] == num_samples
         samples = np.load(out / variant / "eval" / "samples.npz")["arr_0"]
@@ -36,7 +37,16 @@ def test_quick_demo_end_to_end_and_rerun(ray_session, tmp_path, monkeypatch, cap
     budget = load_config(summary["config_path"]).demo.quick["select.budget"]
     assert summary["config"]["select"]["budget"] == budget
     assert d2c_sel["rows"]["selected"] == rnd_sel["rows"]["selected"] == budget
-    assert rnd_sel["scores_dir"].endswith("d2c/condense/scores")  # scored once, reused by the baseline
+    assert rnd_sel["scores_dir"].endswith("d2c/condense/scores")  # scored once, reused by the baselines
+    att_sel = json.loads((out / "random_attach" / "condense" / "manifest.json").read_text())
+    assert att_sel["scores_dir"] == rnd_sel["scores_dir"] and att_sel["rows"]["selected"] == budget
+    # Random + Attach holds Random's very selection, with the features attached
+    import pandas as pd
+    sel = {v: pd.read_parquet(out / v / "condense" / "selection" / "selection.parquet") for v in ("random", "random_attach")}
+    assert sel["random"].image_id.tolist() == sel["random_attach"].image_id.tolist()
+    assert {"visual"} <= set(pd.read_parquet(out / "random_attach" / "condense" / "condensed").columns)
+    assert summary["comparisons"] == ["comparison.json", "comparison-random_attach-vs-random.json",
+                                      "comparison-d2c-vs-random_attach.json"]
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 6
     # FID(d2c) - FID(random) with a paired bootstrap interval, printed, in comparison.json and in the report

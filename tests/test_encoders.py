@@ -240,6 +240,110 @@ def test_efficientnet_tokens(effnet):
         effnet.encode(grey * 2 - 1)
 
 
+def test_efficientnet_default_is_its_own_feature_map(effnet):
+    """Without layer / normalize the encoder gives extract_features as is (the kcenter/herding features)."""
+    assert (effnet.layer, effnet.normalize) == ("head", "none")
+
+
+FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.fixture(scope="module")
+def fmnist_images() -> torch.Tensor:
+    """Two train images per class, padded 28 → 32 as the data stage does: uint8 [20, 1, 32, 32]."""
+    from d2c.data.fashion_mnist import load_fashion_mnist
+    from d2c.data.preprocess import pad_to
+
+    images, labels = load_fashion_mnist(FMNIST_DIR, "train")
+    idx = [i for c in range(10) for i in np.flatnonzero(labels == c)[:2]]
+    padded = np.stack([pad_to(images[i][..., None], 32) for i in idx])
+    return torch.from_numpy(padded.transpose(0, 3, 1, 2).copy())
+
+
+def _reference_maps(enc, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The three layers as tokens [N, 64, d], computed here from a hook on the last MBConv block."""
+    model = enc.model
+    caught = []
+    hook = model._blocks[-1].register_forward_hook(lambda _m, _i, out: caught.append(out))
+    try:
+        with torch.no_grad():
+            head = model.extract_features(enc.preprocess(images))
+            preact = model._bn1(model._conv_head(caught[0]))
+    finally:
+        hook.remove()
+    torch.testing.assert_close(F.relu6(preact), head)  # the head = BN + ReLU6 of the 1×1 conv of the block
+    return {name: m.flatten(2).transpose(1, 2) for name, m in
+            (("head", head), ("head_preact", preact), ("last_block", caught[0]))}
+
+
+@pytest.mark.parametrize("layer,dim", [("head", 1280), ("head_preact", 1280), ("last_block", 320)])
+def test_efficientnet_layers_and_layernorm(fmnist_images, layer, dim):
+    images = fmnist_images[:4]
+    plain = load_vision_encoder("efficientnet_lite0", layer=layer, normalize="none")
+    normed = load_vision_encoder("efficientnet_lite0", layer=layer, normalize="layernorm")
+    want = _reference_maps(plain, images)[layer]
+    assert plain.dim == normed.dim == dim and plain.num_tokens == 64
+    got, got_ln = plain.encode(images), normed.encode(images)
+    assert got.shape == got_ln.shape == (4, 64, dim)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_ln, F.layer_norm(want, (dim,)), rtol=1e-4, atol=1e-4)
+
+
+def _constant_predictor_cosine(tokens: torch.Tensor) -> float:
+    """Mean token cosine of the odd images against the per-position mean unit token of the even ones."""
+    unit = F.normalize(tokens, dim=-1)
+    return F.cosine_similarity(unit[1::2], unit[0::2].mean(0, keepdim=True), dim=-1).mean().item()
+
+
+def test_default_repa_target_is_signed_layernormed_head(fmnist_images):
+    """The default attach.vision target (head + LayerNorm) has the properties that chose it:
+    signed, no zeros, zero mean / unit variance per token, [N, 64, 1280], and a lower
+    constant-predictor cosine than the raw head (benchmarks/repa_target.py)."""
+    from d2c.attach.visual import AttachEncoder
+    from d2c.config import D2CConfig
+
+    cfg = D2CConfig()
+    assert (cfg.attach.vision.layer, cfg.attach.vision.normalize) == ("head", "layernorm")
+    enc = AttachEncoder(cfg).vision
+    assert (enc.layer, enc.normalize, enc.dim) == ("head", "layernorm", 1280)
+    tokens = enc.encode(fmnist_images)
+    assert tokens.shape == (20, 64, 1280)
+    head = _reference_maps(enc, fmnist_images)["head"]
+    torch.testing.assert_close(tokens, F.layer_norm(head, (1280,)), rtol=1e-4, atol=1e-4)
+    assert (head == 0).float().mean() > 0.8  # the raw head: ReLU6 zeros
+    assert (tokens == 0).float().mean() < 0.01
+    assert (tokens > 0).float().mean() > 0.03 and (tokens < 0).float().mean() > 0.5
+    torch.testing.assert_close(tokens.mean(-1), torch.zeros(20, 64), rtol=0, atol=1e-4)
+    raw_var = head.var(-1, unbiased=False)  # LayerNorm gives variance σ² / (σ² + eps), eps = 1e-5
+    torch.testing.assert_close(tokens.var(-1, unbiased=False), raw_var / (raw_var + 1e-5), rtol=0, atol=1e-4)
+    assert tokens.var(-1, unbiased=False).min() > 0.99
+    assert _constant_predictor_cosine(tokens) < _constant_predictor_cosine(head) - 0.01
+
+
+def test_vision_target_keys_are_efficientnet_only():
+    from d2c.config import ConfigError, build_config
+
+    for layer in ("head", "head_preact", "last_block"):
+        for normalize in ("none", "layernorm"):
+            v = build_config({"attach": {"vision": {"layer": layer, "normalize": normalize}}}).attach.vision
+            assert (v.layer, v.normalize) == (layer, normalize)
+    dinov2 = {"encoder": "dinov2", "path": "facebook/dinov2-base"}
+    assert build_config({"attach": {"vision": dinov2}}).attach.vision.encoder == "dinov2"  # defaults: fine
+    for bad in ({"layer": "last_block"}, {"normalize": "none"}):
+        for encoder in (dinov2, {"encoder": "none"}):
+            key = next(iter(bad))
+            with pytest.raises(ConfigError, match=rf"attach\.vision\.{key}=.* only applies to attach\.vision\.encoder=efficientnet_lite0"):
+                build_config({"attach": {"vision": {**encoder, **bad}}})
+    with pytest.raises(ConfigError, match="attach.vision.layer"):
+        build_config({"attach": {"vision": {"layer": "stem"}}})
+    with pytest.raises(ConfigError, match="attach.vision.normalize"):
+        build_config({"attach": {"vision": {"normalize": "batchnorm"}}})
+    with pytest.raises(ValueError, match="efficientnet_lite0 vision encoder only"):
+        load_vision_encoder("dinov2", None, layer="head")
+    with pytest.raises(ValueError, match="unknown EfficientNet-Lite0 layer"):
+        load_vision_encoder("efficientnet_lite0", layer="stem")
+
+
 @pytest.mark.parametrize("registers", [0, 4])
 def test_tiny_dinov2_patch_tokens(tmp_path, registers):
     from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel

@@ -147,6 +147,15 @@ def test_kcenter_selection_equals_the_direct_reference(kcenter_run):
     assert saved == selection_settings(cfg, r.scores, r.features)
 
 
+def test_features_and_selection_read_as_parquet_datasets(kcenter_run):
+    from test_parquet_outputs import read_both
+
+    run, _ = kcenter_run
+    rows = json.loads((run / "manifest.json").read_text())["rows"]
+    assert len(read_both(run / "features")) == rows["listed"] - rows["rejected"] == 120
+    assert len(read_both(run / "selection")) == rows["selected"] == 30
+
+
 def test_features_equal_a_plain_computation_of_the_unflipped_image(kcenter_run):
     run, _ = kcenter_run
     from d2c.data.fashion_mnist import list_fashion_mnist
@@ -224,7 +233,7 @@ def test_rejected_images_get_no_feature(ray_session, tmp_path):
     cfg = load_config(ROOT / "configs" / "embedded.yaml", [
         f"run_dir={tmp_path / 'run'}", f"score.scorer={ckpt}", "data.source=imagefolder", f"data.path={data}",
         "data.channels=3", "data.preprocess=center_crop", "select.budget=6", "select.k=2", "score.num_timesteps=2",
-        "model.patch_size=8", "select.method=kcenter", *FEATURE_OVERRIDES])
+        "model.patch_size=8", "select.method=kcenter", "score.gate_rows=0", *FEATURE_OVERRIDES])  # untrained scorer: rejects only
     assert run_condense(cfg) == 0
     r = RunDir(tmp_path / "run")
     feats = _features(tmp_path / "run")

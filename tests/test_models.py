@@ -472,3 +472,49 @@ def test_determinism_and_label_dropout():
     assert torch.equal(a.out, b.out)
     with pytest.raises(ValueError, match="null class"):
         DiT(**dict(TINY, class_dropout_prob=0.0))(x, t, y, force_drop_ids=torch.ones(4))
+
+
+def _variant_kwargs(text: bool, visual: bool) -> dict:
+    return dict(input_size=16, patch_size=4, in_channels=1, hidden_size=32, depth=3, num_heads=2, num_classes=10,
+                learn_sigma=False, text_dim=24 if text else None, text_len=4, proj_dim=40 if visual else None,
+                proj_hidden_dim=48, encoder_depth=2)
+
+
+def test_seeded_init_pairs_the_shared_modules_across_variants():
+    """Random (plain), Random + Attach and D2C built with one seed share every common weight;
+    another seed changes them; the global RNG neither matters nor is consumed."""
+    from d2c.models.build import build_model
+
+    torch.manual_seed(1)
+    plain = build_model(_variant_kwargs(False, False), seed=7)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(999)  # another global RNG state: the seeded init must not depend on it
+    d2c = build_model(_variant_kwargs(True, True), seed=7)
+    text_only = build_model(_variant_kwargs(True, False), seed=7)
+    shared = dict(plain.named_parameters())
+    for other in (d2c, text_only):
+        own = dict(other.named_parameters())
+        common = set(shared) & set(own)
+        assert len(common) == len(shared)  # every plain parameter exists in the variant
+        for name in common:
+            assert torch.equal(shared[name], own[name]), name
+    assert not torch.equal(plain.blocks[0].attn.qkv.weight, build_model(_variant_kwargs(False, False), seed=8).blocks[0].attn.qkv.weight)
+    # variant-only modules are seeded too: the same seed gives the same projector and text embedding
+    again = build_model(_variant_kwargs(True, True), seed=7)
+    for (name, p), q in zip(d2c.named_parameters(), again.parameters()):
+        assert torch.equal(p, q), name
+    torch.manual_seed(1)
+    build_model(_variant_kwargs(False, False), seed=7)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global stream is left where it was
+
+
+def test_seeded_init_keeps_dit_init_statistics():
+    from d2c.models.build import build_model
+
+    m = build_model(dict(_variant_kwargs(True, True), hidden_size=256, num_classes=1000), seed=0)
+    assert abs(float(m.y_embedder.embedding_table.weight.std()) - 0.02) < 0.001
+    assert float(m.final_layer.linear.weight.abs().max()) == 0.0
+    assert float(m.blocks[1].adaLN_modulation[-1].weight.abs().max()) == 0.0
+    w = m.blocks[0].mlp.fc1.weight
+    bound = (6.0 / (w.shape[0] + w.shape[1])) ** 0.5  # Xavier-uniform
+    assert float(w.abs().max()) <= bound and float(w.abs().max()) > 0.9 * bound

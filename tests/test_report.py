@@ -11,6 +11,7 @@ import importlib.util
 import io
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,14 @@ TRAIN_STEPS = 30
 NASTY_NAME = "<b>Bag</b> & co"
 
 PNG_RE = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)" alt="([^"]*)"')
+
+#: The demo's variants (d2c demo's order) and their FIDs; "48.125" shows as 48.12.
+VARIANT_FIDS = {"d2c": 35.86, "random_attach": 41.5, "random": 48.125}
+#: (a, b) → (file, ΔFID, low, high), as d2c demo names its comparisons; the last interval spans 0.
+COMPARISONS = {("d2c", "random"): ("comparison.json", -12.27, -15.42, -9.08),
+               ("random_attach", "random"): ("comparison-random_attach-vs-random.json", -6.63, -9.71, -3.55),
+               ("d2c", "random_attach"): ("comparison-d2c-vs-random_attach.json", -5.64, -8.93, 1.17)}
+GRID_PER_CLASS = 4
 
 
 # ---------------------------------------------------------------------------
@@ -113,8 +122,9 @@ def write_train(train: Path, with_proj: bool, bad_line: bool = False) -> None:
     (train / "metrics.jsonl").write_text("\n".join(lines) + "\n")
 
 
-def write_eval(ev: Path, fid: float, extra: dict | None = None, samples: bool = True) -> None:
-    """EVAL/metrics.json in the layout ``d2c evaluate`` writes (nested reference/checkpoint, how, timing)."""
+def write_eval(ev: Path, fid: float, extra: dict | None = None, samples: bool = True, grids: bool = False) -> None:
+    """EVAL/metrics.json in the layout ``d2c evaluate`` writes (nested reference/checkpoint, how, timing,
+    fid_bootstrap), samples.npz and, with ``grids``, EVAL/grids/ as d2c.eval.grid writes them."""
     ev.mkdir(parents=True)
     metrics = {
         "format": "d2c-eval-v1", "fid": fid, "kid_mean": 0.0123, "kid_std": 0.0011, "kid_subset_size": 40.0,
@@ -128,6 +138,8 @@ def write_eval(ev: Path, fid: float, extra: dict | None = None, samples: bool = 
                       "per_class": [200] * 10, "rejected": 0},
         "feature_extractor": {"id": "inception-ts", "network": "Inception-v3, TF 2015-12-05 weights"},
         "metric_settings": {"prc_k": 3},
+        "fid_bootstrap": {"point": fid, "std": 1.2, "low": fid - 2.5, "high": fid + 2.25, "shift": 0.3, "rounds": 200,
+                          "level": 0.95, "seed": 0, "resampled": "samples and reference"},
         "not_computed": {"is_mean": "no classifier head", "is_std": "no classifier head"},
         "timing": {"reference_s": 1.5, "sampling_and_features_s": 4.5, "samples_per_s": 8.9, "total_s": 7.0},
         "how": {"fid": "Frechet distance as the evaluator computes it"},
@@ -135,34 +147,82 @@ def write_eval(ev: Path, fid: float, extra: dict | None = None, samples: bool = 
         "weird_extra_field": "kept",
     }
     metrics.update(extra or {})
-    (ev / "metrics.json").write_text(json.dumps(metrics))
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, size=(NUM_SAMPLES, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(NUM_SAMPLES) % 10
     if samples:
-        rng = np.random.default_rng(2)
-        images = rng.integers(0, 256, size=(NUM_SAMPLES, 32, 32, 3), dtype=np.uint8)
-        np.savez(ev / "samples.npz", images, np.arange(NUM_SAMPLES) % 10)
+        np.savez(ev / "samples.npz", images, labels)
+    if grids:
+        from d2c.eval.grid import write_grids
+
+        written = write_grids(ev / "grids", images, labels, 10, GRID_PER_CLASS)
+        metrics["files"] = {"samples": "samples.npz", "grids": [str(p.relative_to(ev)) for p in written]}
+    (ev / "metrics.json").write_text(json.dumps(metrics))
+
+
+def write_comparison(root: Path, a: str, b: str, name: str, point: float, low: float, high: float) -> None:
+    """OUT/<name> as ``d2c compare`` writes it (its own verdict sentence)."""
+    from app.compare import COMPARE_FORMAT, verdict
+    from d2c.eval.bootstrap import FidInterval
+
+    iv = FidInterval(point=point, std=1.5, low=low, high=high, shift=0.4, rounds=200, level=0.95, seed=0,
+                     resampled="samples and reference", paired=True, share_a_better=0.97)
+    result = {"format": COMPARE_FORMAT, "fid_difference": iv.to_dict(), "verdict": verdict(a, b, iv), "how": "paired bootstrap",
+              **{k: {"name": v, "eval": str(root / v / "eval"), "fid": VARIANT_FIDS[v], "num_samples": NUM_SAMPLES}
+                 for k, v in (("a", a), ("b", b))}}
+    (root / name).write_text(json.dumps(result))
+
+
+def section_html(page: str, id_: str) -> str:
+    start = page.index(f'<section id="{id_}">')
+    return page[start: page.index("</section>", start)]
+
+
+def without_details(page: str) -> str:
+    """The page with every <details> element (nested ones too) cut out: what shows before any click."""
+    prev = None
+    while prev != page:
+        prev, page = page, re.sub(r"<details>(?:(?!<details>).)*?</details>", "", page, flags=re.S)
+    return page
 
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo")
     runs = {}
-    for name, fid, proj in (("d2c", 35.86, True), ("random", 48.125, False)):
-        write_condense(root / name / "run", name, reuse_from=None if name == "d2c" else root / "d2c" / "run")
-        write_train(root / name / "train", proj, bad_line=name == "random")
-        write_eval(root / name / "eval", fid)
+    for name, fid in VARIANT_FIDS.items():
+        method = "random" if name.startswith("random") else name
+        write_condense(root / name / "run", method, reuse_from=None if name == "d2c" else root / "d2c" / "run")
+        write_train(root / name / "train", with_proj=name != "random", bad_line=name == "random")
+        write_eval(root / name / "eval", fid, grids=True)
         runs[name] = {"condense": f"{name}/run", "train": str(root / name / "train"), "eval": str(root / name / "eval")}
+    for (a, b), (file, point, low, high) in COMPARISONS.items():
+        write_comparison(root, a, b, file, point, low, high)
     demo = {"runs": runs, "timings_s": {"scorer": 60.0, "condense": 30.0, "train": 120.0, "evaluate": 45.0},
-            "config": {"select": {"budget": 40, "k": K}}, "quick": True}
+            "config": {"select": {"budget": 40, "k": K}}, "quick": True,
+            "comparison": "comparison.json", "comparisons": [f for f, *_ in COMPARISONS.values()]}
     (root / "demo.json").write_text(json.dumps(demo))
     return root
 
 
 @pytest.fixture(scope="module")
 def demo_page(demo_dir, tmp_path_factory) -> str:
-    """The demo's report, written once (matplotlib layout is the slow part)."""
-    out = write_report([str(demo_dir)], tmp_path_factory.mktemp("report") / "r.html")
+    """The demo's report, written once (matplotlib layout is the slow part), with no multi-seed study."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(report, "STUDY_DIR", tmp_path_factory.mktemp("no-study"))
+        out = write_report([str(demo_dir)], tmp_path_factory.mktemp("report") / "r.html")
     assert out.is_file()
     return out.read_text()
+
+
+def eval_only_demo(demo_dir: Path, root: Path, variants, **data) -> Path:
+    """A demo.json whose runs name only the fixture's evaluations (quick to render), plus ``data``."""
+    root.mkdir()
+    for (_, _), (file, *_) in COMPARISONS.items():
+        shutil.copy(demo_dir / file, root / file)
+    runs = {v: {"eval": str(demo_dir / v / "eval")} for v in variants}
+    (root / "demo.json").write_text(json.dumps({"runs": runs, "quick": True, **data}))
+    return root
 
 
 def figures(page: str) -> dict[str, Image.Image]:
@@ -184,13 +244,15 @@ def test_demo_report_is_complete_and_self_contained(demo_page):
     assert "<script" not in page and "<link" not in page
     assert page.count('<img src="data:image/png;base64,') == len(re.findall(r"<img ", page))
     figs = figures(page)
-    expected = {"selection coverage", "training curves", "samples", "timings"} | {
-        f"{kind} — {v}" for v in ("d2c", "random") for kind in ("score distribution", "ranked scores", "image grids")}
+    grids = {f"sample grid — {v}" for v in VARIANT_FIDS}
+    expected = {"selection coverage", "training curves", "samples", "timings"} | grids | {
+        f"{kind} — {v}" for v in VARIANT_FIDS for kind in ("score distribution", "ranked scores", "image grids")}
     assert set(figs) == expected
     assert page.count('<img src="data:image/png;base64,') == len(expected)
     for alt, img in figs.items():
         assert img.format == "PNG", alt
-        assert 300 <= img.width <= 1400 and 100 <= img.height <= 4000, (alt, img.size)
+        if alt not in grids:
+            assert 300 <= img.width <= 1400 and 100 <= img.height <= 4000, (alt, img.size)
         assert len(set(np.asarray(img.convert("L")).ravel().tolist())) > 8, f"{alt} looks blank"
 
 
@@ -198,16 +260,20 @@ def test_metrics_table_says_how_each_number_was_produced(demo_page):
     page = demo_page
     metrics = page[page.index('<table class="metrics">'):]
     metrics = metrics[: metrics.index("</table>")]
-    for text in ("35.86", "48.12", "0.0123 ± 0.0011", "0.61", "0.44",        # the numbers
-                 "ddim", "50", "40",                                          # sampler, steps, N
-                 "kind dataset_split, source fashion_mnist, split test, size 2,000", "2,000",  # reference, reference N
-                 "step 30", "weights ema",                                    # checkpoint
-                 "weird_extra_field", "kept", "metric_settings.prc_k"):      # unknown keys are listed, not dropped
+    for text in ("35.86", "41.5", "48.12", "0.0123 ± 0.0011", "0.61", "0.44"):  # the numbers
         assert text in metrics, text
     assert "IS ↑" not in metrics  # not computed: no row (the not_computed reason is said below the table)
-    for hidden in ("how.fid", "versions.torch", "timesteps_used", "timing.total_s"):
-        assert hidden not in metrics, hidden
-    assert "not recorded" not in metrics
+    prov = page[page.index('<table class="metrics provenance">'):]
+    prov = prov[: prov.index("</table>")]
+    for text in ("ddim", "50", "40",                                          # sampler, steps, N
+                 "kind dataset_split, source fashion_mnist, split test, size 2,000", "2,000",  # reference, reference N
+                 "step 30", "weights ema",                                    # checkpoint
+                 "weird_extra_field", "kept", "metric_settings.prc_k",       # unknown keys are listed, not dropped
+                 "fid_bootstrap.low", "sampling.ddim_eta"):
+        assert text in prov, text
+    for hidden in ("how.fid", "versions.torch", "timesteps_used", "timing.total_s", "files.grids"):
+        assert hidden not in metrics + prov, hidden
+    assert "not recorded" not in metrics + prov
     assert "sampler ddim in 50 steps" in page and "compared against reference kind dataset_split" in page
     assert "FID ↓: Frechet distance as the evaluator computes it." in page  # the producer's own definition wins
     assert "not computed: is_mean, is_std — no classifier head" in page
@@ -219,6 +285,92 @@ def test_metrics_table_says_how_each_number_was_produced(demo_page):
     assert "1 malformed line(s) skipped" in page and "Quick mode" in page
     # The random variant reused the D2C run's scores (score.reuse_from): read from there, and said so.
     assert "(reused: score.reuse_from)" in page and "2 rejected inputs" in page
+
+
+def test_demo_report_opens_with_the_verdict(demo_page, demo_dir):
+    page = demo_page
+    verdict = section_html(page, "verdict")
+    # The verdict comes before the metrics, every provenance row and every other section.
+    start = page.index('<section id="verdict">')
+    assert start < page.index('<section id="results">') < page.index('<table class="metrics provenance">')
+    assert start < page.index("fid_bootstrap") and start < page.index('class="idea"')
+    assert page.index('<section id="results">') == min(page.index(f'<section id="{s}">') for s in ("results", "select", "train", "timings", "inputs"))
+    # Each variant's FID and KID as the metrics table formats them, and the FID's own interval.
+    for label, fid in (("D2C", "35.86"), ("Random + Attach", "41.5"), ("Random", "48.12")):
+        assert label in verdict and fid in verdict, (label, fid)
+    assert verdict.count("0.0123 ± 0.0011") == 3
+    assert "[33.36, 38.11] (95 %)" in verdict
+    # Every comparison file: ΔFID, its interval and d2c compare's verdict sentence.
+    for (a, b), (_, point, low, high) in COMPARISONS.items():
+        assert f"{point:+.2f}" in verdict and f"[{low:+.2f}, {high:+.2f}]" in verdict, (a, b)
+    assert "d2c has the lower FID: ΔFID -12.27, 95% interval [-15.42, -9.08] lies below 0" in verdict
+    assert "not resolved at these N: ΔFID -5.64, 95% interval [-8.93, +1.17] spans 0" in verdict
+    # The three sample grids, side by side, embedded from EVAL/grids/overview.png as written.
+    grids = {alt: data for data, alt in PNG_RE.findall(verdict)}
+    assert set(grids) == {f"sample grid — {v}" for v in VARIANT_FIDS}
+    for v in VARIANT_FIDS:
+        assert base64.b64decode(grids[f"sample grid — {v}"]) == (demo_dir / v / "eval" / "grids" / "overview.png").read_bytes()
+    assert '<div class="grids">' in verdict
+    # What one run can and cannot show, and where the multi-seed study is (not run here).
+    assert "one training seed per variant" in verdict and "not training randomness" in verdict
+    assert "The multi-seed study: benchmarks/results/fidelity/README.md in the d2c repository" in verdict
+    assert "has not been run" in verdict
+
+
+def test_provenance_rows_are_folded_away(demo_page):
+    shown = without_details(demo_page)
+    for text in ("fid_bootstrap", "sampling.ddim_eta", "metric_settings.prc_k", "weird_extra_field"):
+        assert text in demo_page and text not in shown, text
+    assert '<table class="metrics">' in shown and "35.86" in shown  # the numbers themselves stay in view
+
+
+def test_verdict_shows_the_study_summary(demo_dir, tmp_path, monkeypatch):
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "README.md").write_text("# The seeded fidelity study\n")
+    pd.DataFrame([{"variant": "d2c", "seeds": 3, "fid_mean": 31.42, "fid_std": 1.37, "kid_mean": 0.01234, "kid_std": 0.0021},
+                  {"variant": "random", "seeds": 1, "fid_mean": 44.1, "fid_std": None, "kid_mean": 0.025, "kid_std": None}]
+                 ).to_csv(study / "summary.csv", index=False)
+    monkeypatch.setattr(report, "STUDY_DIR", study)
+    root = eval_only_demo(demo_dir, tmp_path / "demo", VARIANT_FIDS, comparisons=[f for f, *_ in COMPARISONS.values()])
+    verdict = report.verdict_section(report.collect([root])).html()
+    assert "31.42 ± 1.37" in verdict and "0.01234 ± 0.0021" in verdict and ">44.1<" in verdict and ">3<" in verdict
+    assert "has not been run" not in verdict and str(study / "summary.csv") in verdict
+    (study / "README.md").unlink()  # no README: the study counts as not run
+    assert "has not been run" in report.verdict_section(report.collect([root])).html()
+
+
+def test_old_demo_json_with_one_comparison_still_renders(demo_dir, tmp_path):
+    """A two-variant demo.json from before "comparisons": its single "comparison" file is shown."""
+    root = eval_only_demo(demo_dir, tmp_path / "old", ("d2c", "random"), comparison="comparison.json")
+    page = write_report([str(root)], tmp_path / "r.html").read_text()
+    verdict = section_html(page, "verdict")
+    assert "-12.27" in verdict and "[-15.42, -9.08]" in verdict and "35.86" in verdict and "48.12" in verdict
+    assert "-6.63" not in verdict and "-5.64" not in verdict
+    assert len(PNG_RE.findall(verdict)) == 2
+    # No comparison at all (eval.bootstrap_rounds=0): said, not fatal.
+    none = eval_only_demo(demo_dir, tmp_path / "none", ("d2c", "random"), comparison=None)
+    assert "No comparison files" in section_html(report.render(report.collect([none])), "verdict")
+
+
+def test_verdict_draws_grids_from_samples_when_the_evaluation_has_none(demo_dir, tmp_path):
+    ev = tmp_path / "ev"
+    write_eval(ev, 20.0)  # samples.npz, no grids/
+    root = tmp_path / "demo"
+    root.mkdir()
+    (root / "demo.json").write_text(json.dumps({"runs": {"d2c": {"eval": str(ev)}}}))
+    verdict = report.verdict_section(report.collect([root])).html()
+    assert [alt for _, alt in PNG_RE.findall(verdict)] == ["sample grid — d2c"] and "no grids/overview.png" in verdict
+
+
+def test_large_grids_are_shrunk_to_fit_the_page():
+    from app import report_plots
+
+    big = report_plots.array_png(np.zeros((3000, 1500, 3), np.uint8))
+    with Image.open(io.BytesIO(report_plots.fit_png(big, report.MAX_GRID_PX))) as im:
+        assert im.format == "PNG" and im.size == (report.MAX_GRID_PX // 2, report.MAX_GRID_PX)
+    small = report_plots.array_png(np.zeros((40, 30), np.uint8))
+    assert report_plots.fit_png(small, report.MAX_GRID_PX) == small  # embedded as written
 
 
 def test_html_is_escaped(demo_page):

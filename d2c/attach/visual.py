@@ -81,7 +81,9 @@ class AttachEncoder:
         self.vision: Optional[VisionEncoder] = None
         if cfg.attach.vision.encoder != "none" and cfg.model.use_visual:
             v = cfg.attach.vision
-            self.vision = load_vision_encoder(v.encoder, v.path, v.image_size, device=device)
+            # the REPA target's layer / normalisation (attach.vision.layer, .normalize: EfficientNet-Lite0 only)
+            target = dict(layer=v.layer, normalize=v.normalize) if v.encoder == "efficientnet_lite0" else {}
+            self.vision = load_vision_encoder(v.encoder, v.path, v.image_size, device=device, **target)
         self.num_tokens = cfg.num_tokens
 
     def __call__(self, images: np.ndarray, image_ids: Sequence[str]) -> dict[str, np.ndarray]:

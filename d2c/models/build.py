@@ -94,6 +94,7 @@ def dit_kwargs(
     )
 
 
-def build_model(kwargs: Mapping[str, Any]) -> DiT:
-    """``DiT(**kwargs)`` (freshly initialised), for kwargs from :func:`dit_kwargs` or a checkpoint."""
-    return DiT(**dict(kwargs))
+def build_model(kwargs: Mapping[str, Any], seed: int | None = None) -> DiT:
+    """``DiT(**kwargs)`` (freshly initialised), for kwargs from :func:`dit_kwargs` or a checkpoint.
+    With ``seed`` (``train.seed``) the parts every variant shares start identical across variants."""
+    return DiT(**dict(kwargs), init_seed=seed)

@@ -18,6 +18,8 @@ T = (H / p) ** 2 tokens, D = hidden_size, L = text_len, d_text = text_dim.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
 from typing import NamedTuple
 
@@ -329,6 +331,16 @@ def build_projector(hidden_size: int, proj_hidden_dim: int, proj_dim: int) -> nn
     )
 
 
+@contextlib.contextmanager
+def seeded_init(seed: int, part: str):
+    """Draw a part's initial weights from the global RNG seeded by ``(seed, part)``, restoring
+    the global RNG afterwards (the caller's random stream is left as it was)."""
+    digest = hashlib.sha256(f"{seed}\x1f{part}".encode()).digest()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+        yield
+
+
 class DiTOutput(NamedTuple):
     """Structured output of :meth:`DiT.forward`; unpacks as ``out, proj = model(...)``.
 
@@ -363,6 +375,7 @@ class DiT(nn.Module):
         encoder_depth: the projector reads the hidden states after this many blocks.
         timestep_freq_shift: 0 (official DiT, default) or 1 (diffusers' DiT convention); see
             :func:`timestep_embedding`. Only for reproducing diffusers outputs exactly.
+        init_seed: the seed of :meth:`initialize_weights` (None: from the global torch RNG).
     """
 
     def __init__(
@@ -383,6 +396,7 @@ class DiT(nn.Module):
         proj_hidden_dim: int = 2048,
         encoder_depth: int = 8,
         timestep_freq_shift: float = OFFICIAL_TIMESTEP_FREQ_SHIFT,
+        init_seed: int | None = None,
     ):
         super().__init__()
         if proj_dim is not None and not 1 <= encoder_depth <= depth:
@@ -412,11 +426,19 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
         self.projector = build_projector(hidden_size, proj_hidden_dim, proj_dim) if proj_dim is not None else None
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
-        self.initialize_weights()
+        self.initialize_weights(init_seed)
 
-    def initialize_weights(self) -> None:
+    def initialize_weights(self, seed: int | None = None) -> None:
         """DiT init: Xavier-uniform Linears with zero bias, patch/text convs as Linears,
-        class table and timestep MLP N(0, 0.02), adaLN-Zero (modulation and output zeroed)."""
+        class table and timestep MLP N(0, 0.02), adaLN-Zero (modulation and output zeroed).
+
+        Every part draws from its own generator, seeded by ``(seed, part name)``, so the parts
+        two variants share (patch and timestep embedders, class table, blocks, final layer)
+        start identical for one seed whether or not the text embedding and projector exist.
+        ``seed=None`` takes the seed from the global torch RNG (``torch.manual_seed`` still fixes it).
+        """
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu"))
 
         def _basic_init(module: nn.Module) -> None:
             if isinstance(module, nn.Linear):
@@ -424,31 +446,41 @@ class DiT(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 
-        self.apply(_basic_init)
+        def _as_linear(conv: nn.Module) -> None:
+            w = conv.weight.data
+            nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
 
         pos = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], self.x_embedder.grid_size)
         self.pos_embed.data.copy_(pos.to(self.pos_embed.dtype).unsqueeze(0))
 
-        # Patch embedding initialised like a Linear (its bias keeps the Conv2d default, as official).
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
-
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=EMBED_INIT_STD)
+        with seeded_init(seed, "x_embedder"):
+            self.x_embedder.proj.reset_parameters()  # the bias keeps the Conv2d default, as official
+            _as_linear(self.x_embedder.proj)
+        with seeded_init(seed, "t_embedder"):
+            self.t_embedder.apply(_basic_init)
+            nn.init.normal_(self.t_embedder.mlp[0].weight, std=EMBED_INIT_STD)
+            nn.init.normal_(self.t_embedder.mlp[2].weight, std=EMBED_INIT_STD)
+        with seeded_init(seed, "y_embedder.embedding_table"):
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=EMBED_INIT_STD)
         if isinstance(self.y_embedder, DCEmbedding):
-            w = self.y_embedder.text_proj.weight.data
-            nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
-            nn.init.zeros_(self.y_embedder.text_proj.bias)
-
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=EMBED_INIT_STD)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=EMBED_INIT_STD)
-
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+            with seeded_init(seed, "y_embedder.text"):
+                _as_linear(self.y_embedder.text_proj)
+                nn.init.zeros_(self.y_embedder.text_proj.bias)
+                self.y_embedder.text_norm.reset_parameters()
+                self.y_embedder.text_mlp.apply(_basic_init)
+        for i, block in enumerate(self.blocks):
+            with seeded_init(seed, f"blocks.{i}"):
+                block.apply(_basic_init)
+                nn.init.zeros_(block.adaLN_modulation[-1].weight)
+                nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        if self.projector is not None:
+            with seeded_init(seed, "projector"):
+                self.projector.apply(_basic_init)
+        with seeded_init(seed, "final_layer"):
+            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+            nn.init.zeros_(self.final_layer.linear.weight)
+            nn.init.zeros_(self.final_layer.linear.bias)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """Token outputs ``[N, T, p * p * C_out]`` -> image ``[N, C_out, H, W]`` (square grid)."""

@@ -7,8 +7,10 @@ image, float32 [d]. Why the mean of the patch tokens:
 - it is the vector the encoder's own head reads for EfficientNet-Lite0 (global average
   pooling of the final 1280-channel conv map), and the usual "penultimate features" that
   K-Center (core-set) and Herding (iCaRL) were run on;
-- it uses the same tokens that Attach stores (``d2c.attach.visual``), so DINOv2 gives the
-  mean of its patch tokens, not its CLS token;
+- it uses the encoder's own output: DINOv2 gives the mean of its patch tokens (the ones Attach
+  stores), not its CLS token; EfficientNet-Lite0 gives its head map without the
+  ``attach.vision.layer`` / ``normalize`` of the REPA target (no better for pooled features:
+  benchmarks/results/repa_target);
 - it is invariant to the grid size, so a small input (few tokens) still gives a d-vector.
 
 Every encoder forward pass has exactly ``forward_rows`` images (the last chunk is padded

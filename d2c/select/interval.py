@@ -14,7 +14,7 @@ When ``(n−1)k`` runs past the end of a class the shortfall policy decides:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -64,6 +64,33 @@ def per_class_budget(budget: int, num_classes: int) -> int:
             f"use a multiple of {num_classes} (e.g. select.budget={lo})"
         )
     return budget // num_classes
+
+
+def check_feasible(class_sizes: Sequence[int], budget: int, method: str, k: int, shortfall: str) -> int:
+    """Refuse, before any scoring, a selection that cannot succeed on classes of ``class_sizes``
+    (listed images: rejects can only lower them). Returns n (per class).
+
+    * the budget must split evenly over the classes and not exceed the images listed;
+    * with ``shortfall == "error"`` every class must hold (n−1)k+1 images (``d2c``) or n (baselines).
+    """
+    n = per_class_budget(budget, len(class_sizes))
+    total = int(sum(class_sizes))
+    if budget > total:
+        raise SelectionError(
+            f"select.budget={budget} exceeds the {total} images listed (data.*); lower select.budget to at most "
+            f"{total // len(class_sizes) * len(class_sizes)}"
+        )
+    if shortfall == "error":
+        need = (n - 1) * k + 1 if method == "d2c" else n
+        short = [(c, m) for c, m in enumerate(class_sizes) if m < need]
+        if short:
+            listed = ", ".join(f"class {c}: {m or 'empty'}" for c, m in short[:5]) + (" …" if len(short) > 5 else "")
+            what = f"(n-1)*k+1 = {need} images (n={n}, k={k})" if method == "d2c" else f"n={n} images"
+            raise SelectionError(
+                f"select.shortfall=error but {len(short)} class(es) hold fewer than {what} ({listed}); lower "
+                f"{'select.k or ' if method == 'd2c' else ''}select.budget, or set select.shortfall=clamp"
+            )
+    return n
 
 
 def sort_class(scores: np.ndarray, image_ids: np.ndarray) -> np.ndarray:

@@ -179,11 +179,12 @@ class Trainer:
     # -- state -----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Optimizer, scaler, step counters, the generator and the global RNG states
+        """Optimizer, scaler, step counters (the EMA's update count among them), the generator and the global RNG states
         (weights_only-loadable); the weights are saved separately."""
         return dict(
             step=self.step,
             skipped_steps=self.skipped_steps,
+            ema_updates=self.ema.num_updates,
             optimizer=self.optimizer.state_dict(),
             scaler=self.precision.state_dict(),
             generator=self.generator.get_state(),
@@ -194,6 +195,8 @@ class Trainer:
         """Inverse of :meth:`state_dict` (extra keys such as ``data`` are ignored)."""
         self.step = int(state["step"])
         self.skipped_steps = int(state["skipped_steps"])
+        # checkpoints from before the EMA warm-up: every applied step was one update
+        self.ema.num_updates = int(state.get("ema_updates", self.step - self.skipped_steps))
         self.optimizer.load_state_dict(self._as_this_optimizer(state["optimizer"]))
         self.precision.load_state_dict(state["scaler"])
         self.generator.set_state(state["generator"].cpu())

