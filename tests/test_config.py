@@ -93,3 +93,32 @@ def test_cli_help_lists_commands(capsys):
     out = capsys.readouterr().out
     for name in ["condense", "train", "evaluate", "sweep", "demo", "report"]:
         assert name in out
+
+
+def test_flip_defaults_follow_the_data():
+    """Fashion-MNIST trains without flips (its shoes point one way); ImageNet keeps DiT's flips."""
+    emb = load_config(ROOT / "configs" / "embedded.yaml", [])
+    assert emb.train.hflip is False and emb.attach.flip is False
+    inet = load_config(ROOT / "configs" / "imagenet256.yaml", [])
+    assert inet.train.hflip is True and inet.attach.flip is True
+
+
+def test_flip_asymmetry_measure_on_planted_classes():
+    import sys
+
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from flip_asymmetry import oriented_fraction
+
+    rng = np.random.default_rng(0)
+    wedge = np.tile(np.linspace(0, 255, 8), (8, 1))  # bright on the right: a direction
+    sym = np.tile(np.r_[np.linspace(0, 255, 4), np.linspace(255, 0, 4)], (8, 1))  # mirror-symmetric
+    directed = wedge + rng.normal(0, 20, (400, 8, 8))
+    symmetric = sym + rng.normal(0, 20, (400, 8, 8))
+    # class means from one half, fractions on the other (as the benchmark's test column does)
+    means = np.stack([directed[:200].mean(0), symmetric[:200].mean(0)])
+    images = np.concatenate([directed[200:], symmetric[200:]])
+    labels = np.r_[np.zeros(200, int), np.ones(200, int)]
+    frac = oriented_fraction(images, labels, means)
+    assert frac[0] == 1.0 and 0.35 < frac[1] < 0.65
