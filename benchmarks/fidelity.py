@@ -99,6 +99,7 @@ class Study:
         curve = self.spec.get("curve") or {}
         self.curve_variants = set(curve.get("variants", []))
         self.curve_steps = sorted(s for s in curve.get("steps", []) if s < self.final)
+        self.curve_seeds = set(curve.get("seeds", self.seeds))
         self.rows_path = results / "results.csv"
         self.rows = read_rows(self.rows_path)
         self.commit = git_commit()
@@ -107,9 +108,10 @@ class Study:
         return any(r["variant"] == variant and int(r["seed"]) == seed and int(r["steps"]) == steps
                    and r["regime"] == self.regime for r in self.rows)
 
-    def steps_of(self, variant: str) -> list[int]:
-        """The steps at which ``variant`` is evaluated: the curve's, then the final one."""
-        return (self.curve_steps if variant in self.curve_variants else []) + [self.final]
+    def steps_of(self, variant: str, seed: int) -> list[int]:
+        """The steps at which ``variant`` is evaluated for ``seed``: the curve's, then the final one."""
+        curve = variant in self.curve_variants and seed in self.curve_seeds
+        return (self.curve_steps if curve else []) + [self.final]
 
     def config(self, variant: str, seed: int, steps: int, scorer: str):
         root = self.out / variant
@@ -152,13 +154,13 @@ class Study:
         init_ray(self.cfg)
         quiet_data_context(cfg=self.cfg)
         scorer = self.cfg.score.scorer or str(ensure_embedded_scorer(self.cfg))
-        todo = [(seed, v, steps) for seed in self.seeds for v in self.variants for steps in self.steps_of(v)
+        todo = [(seed, v, steps) for seed in self.seeds for v in self.variants for steps in self.steps_of(v, seed)
                 if not self.done(v, seed, steps)]
         if todo:  # d2c's condense scores every image once; the other variants select from its scores
             run_condense(self.config("d2c", 0, self.final, scorer))
         for seed in self.seeds:
             for variant in self.variants:
-                steps_list = self.steps_of(variant)
+                steps_list = self.steps_of(variant, seed)
                 if all(self.done(variant, seed, s) for s in steps_list):
                     continue
                 run_condense(self.config(variant, seed, self.final, scorer))
@@ -211,7 +213,7 @@ class Study:
 
         fig, ax = plt.subplots(figsize=(6, 4))
         for v in sorted(self.curve_variants):
-            pts = [(int(r["steps"]), float(r["fid"])) for r in rows if r["variant"] == v]
+            pts = [(int(r["steps"]), float(r["fid"])) for r in rows if r["variant"] == v and int(r["seed"]) in self.curve_seeds]
             if not pts:
                 continue
             steps = sorted({s for s, _ in pts})
@@ -219,7 +221,7 @@ class Study:
             std = [np.std([f for s2, f in pts if s2 == s]) for s in steps]
             ax.errorbar(steps, mean, yerr=std, marker="o", capsize=3, label=LABELS.get(v, v))
         ax.set_xlabel("training steps")
-        ax.set_ylabel("FID-1K (mean ± std over seeds)")
+        ax.set_ylabel(f"FID-{self.cfg.eval.num_samples} (seeds {sorted(self.curve_seeds)})")
         ax.set_title("FID against training steps")
         ax.legend()
         fig.tight_layout()
