@@ -24,7 +24,7 @@ def test_quick_demo_end_to_end_and_rerun(ray_session, tmp_path, monkeypatch, cap
     num_samples = summary["config"]["eval"]["num_samples"]
     assert num_samples == load_config(summary["config_path"]).demo.quick["eval.num_samples"]  # demo.quick applied
     variants = ["d2c", "random_attach", "random"]
-    assert list(summary["runs"]) == variants
+    assert set(summary["runs"]) == set(variants)
     for stage in ["scorer (train from scratch, cached)"] + [f"{s} ({v})" for s in ("condense", "train", "evaluate") for v in variants]:
         assert stage in summary["timings_s"]
     for variant in variants:
