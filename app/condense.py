@@ -1,4 +1,4 @@
-"""``d2c condense``: score → select → attach on Ray Data (DESIGN.md).
+"""``d2c condense``: score → select → attach on Ray Data (docs/design.md).
 
     listing ─► decode (CPU tasks) ─► encode + score (actor pool) ─► RUN/scores/ (shards)
     [kcenter/herding] listing ─► decode ─► pooled visual features (actor pool) ─► RUN/features/ (shards)
@@ -61,7 +61,7 @@ from d2c.select.interval import (
 from d2c.storage import Location, location
 
 SETTINGS_FILE = "_settings.json"
-#: Scores rows per hash partition of the per-class groupby (DESIGN.md: too many partitions cost seconds).
+#: Scores rows per hash partition of the per-class groupby (docs/design.md: too many partitions cost seconds).
 GROUPBY_ROWS_PER_PARTITION = 50_000
 SUCCESS_FILE = "_SUCCESS"
 #: RUN/scores' record of the scorer quality gate it passed ("_": Parquet readers skip it).
@@ -80,7 +80,7 @@ FEATURE_COLUMN = "feature"
 
 
 class RunDir:
-    """Locations of a condense run (DESIGN.md, Artifacts): a local path or a storage URI."""
+    """Locations of a condense run (docs/design.md, Artifacts): a local path or a storage URI."""
 
     def __init__(self, root: str | Path | Location):
         self.root = location(root)

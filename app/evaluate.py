@@ -358,7 +358,7 @@ class InceptionActor:
 
 
 def _remote(num_gpus: float) -> dict[str, float]:
-    """map_batches kwargs for GPUs: only when > 0 (DESIGN.md, Ray idioms)."""
+    """map_batches kwargs for GPUs: only when > 0 (docs/design.md, Ray idioms)."""
     return {"num_gpus": num_gpus} if num_gpus > 0 else {}
 
 

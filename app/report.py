@@ -1,6 +1,6 @@
 """``d2c report PATH…``: one self-contained HTML page that shows what D2C did and why it works.
 
-Each path is recognised by the artifacts it holds (DESIGN.md, Artifacts):
+Each path is recognised by the artifacts it holds (docs/design.md, Artifacts):
 
 =========  ==========================================================================
 kind       marker files

@@ -4,7 +4,7 @@ Runs on ``d2c/`` and torch alone (numpy and the standard library besides; transf
 diffusers only where importable), so it runs on the GPU machine, which has no Ray, pydantic
 or diffusers. Every case uses random weights at the paper's sizes:
 
-* ``scoring``  — the difficulty score (METHOD.md Eq. 7) with a DiT-XL/2 scorer at 256 px
+* ``scoring``  — the difficulty score (docs/method.md Eq. 7) with a DiT-XL/2 scorer at 256 px
   (4×32×32 latents, learned σ), batch 256 images × ``num_timesteps`` (8) noisy copies = 2048
   rows, chunked into as few forward passes as memory allows (one by default; halved on OOM).
   images/s and MFU.
@@ -53,7 +53,7 @@ training grid and the projection use ("keep the ones that pay").
 FLOPs. The DiT forward is counted analytically (:func:`dit_forward_flops`: every matmul and
 convolution, attention's QKᵀ and AV included; 2 FLOPs per multiply-add; norms, activations
 and embedding lookups not counted), cross-checked against ``torch.utils.flop_counter`` in
-tests/test_gpu_suite.py; DiT-XL/2 at 256 is 2 × 118.6 GFLOPs (METHOD.md). A training step
+tests/test_gpu_suite.py; DiT-XL/2 at 256 is 2 × 118.6 GFLOPs (docs/method.md). A training step
 counts 3 × forward (backward = 2 × forward: a gradient for the activations and one for the
 weights). The VAE and DINOv2 are counted by FlopCounterMode on one image (matmul, conv and
 attention only). MFU = counted FLOPs/s over the dense matmul peak measured in the same run
@@ -131,17 +131,17 @@ from d2c.train.precision import autocast_model_fn  # noqa: E402
 from d2c.train.trainer import CondensedBatches, Trainer  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
-# The paper's setting (METHOD.md, configs/imagenet256.yaml)
+# The paper's setting (docs/method.md, configs/imagenet256.yaml)
 # ----------------------------------------------------------------------------------------------
 
-#: ImageNet-1K train images (METHOD.md: 1.28M).
+#: ImageNet-1K train images (docs/method.md: 1.28M).
 IMAGENET_TRAIN_IMAGES = 1_281_167
 IMAGENET_CLASSES = 1000
 IMAGE_SIZE = 256
 #: SD-VAE: 8× downsampling to 4 latent channels.
 VAE_DOWNSAMPLE = 8
 LATENT_CHANNELS = 4
-#: DDPM schedule of the scorer (METHOD.md: linear β from 1e-4 to 0.02 over 1000 steps).
+#: DDPM schedule of the scorer (docs/method.md: linear β from 1e-4 to 0.02 over 1000 steps).
 DDPM_STEPS, DDPM_BETA_START, DDPM_BETA_END = 1000, 1e-4, 0.02
 #: The paper's scorer and trained model sizes.
 SCORER_SIZE = "XL/2"
@@ -189,7 +189,7 @@ DINO_PREFIX_TOKENS = 1  # CLS
 # ----------------------------------------------------------------------------------------------
 
 #: Std of the noise added to every weight, so that no matmul runs on zeros (adaLN-Zero
-#: zeroes DiT's gates and output layer; METHOD.md: a bf16 matmul ran 13% faster on zeros).
+#: zeroes DiT's gates and output layer; docs/method.md: a bf16 matmul ran 13% faster on zeros).
 RANDOM_WEIGHT_STD = 0.02
 #: Synthetic condensed set: this many batches of the largest batch size (rows reused by epoch).
 TRAIN_SET_BATCHES = 4

@@ -5,7 +5,7 @@ overrides with dotted keys given on the command line (``select.k=16``). Validati
 happens before any work starts: an unknown key, a wrong type or an out-of-range value
 raises :class:`ConfigError` whose message names the key and says how to fix it.
 
-Every default below is a decision recorded in ``METHOD.md``; nothing in the method is
+Every default below is a decision recorded in ``docs/method.md``; nothing in the method is
 a hidden constant.
 """
 
@@ -39,7 +39,7 @@ def _compile_flag(value: Any) -> Any:
 #: it compiles).
 CompileBackend = Annotated[Literal["off", "inductor", "aot_eager"], BeforeValidator(_compile_flag)]
 
-#: Latent scaling factor of the Stable Diffusion VAE (METHOD.md, Select).
+#: Latent scaling factor of the Stable Diffusion VAE (docs/method.md, Select).
 SD_VAE_SCALING = 0.18215
 #: eval.bootstrap_*: default rounds and level, and the fewest rounds that give an interval.
 DEFAULT_BOOTSTRAP_ROUNDS = 200
@@ -94,7 +94,7 @@ class DataConfig(_Section):
 
 
 class AutoencoderConfig(_Section):
-    """The frozen autoencoder E of METHOD.md (identity for pixel-space models)."""
+    """The frozen autoencoder E of docs/method.md (identity for pixel-space models)."""
 
     kind: Literal["identity", "sd_vae"] = "identity"
     path: Optional[str] = None
@@ -115,7 +115,7 @@ class AutoencoderConfig(_Section):
 
 
 class ScoreConfig(_Section):
-    """Diffusion difficulty scoring (METHOD.md Eq. 7)."""
+    """Diffusion difficulty scoring (docs/method.md Eq. 7)."""
 
     #: A checkpoint of ours, an official DiT checkpoint, or a diffusers id/path.
     #: None: train the embedded scorer from scratch first (cached by its settings).
@@ -170,7 +170,7 @@ class SelectConfig(_Section):
     method: Literal["d2c", "random", "min", "max", "kcenter", "herding"] = "d2c"
     #: Total images in the condensed set; per class = budget / number of classes.
     budget: int = Field(480, ge=1)
-    #: The interval k (METHOD.md): ranks 0, k, 2k, ... within each sorted class.
+    #: The interval k (docs/method.md): ranks 0, k, 2k, ... within each sorted class.
     k: int = Field(96, ge=1)
     #: What to do when (n-1)k runs past the end of a class.
     shortfall: Literal["clamp", "error"] = "clamp"
@@ -248,7 +248,7 @@ class AttachConfig(_Section):
     text: TextConfig = TextConfig()
     vision: VisionConfig = VisionConfig()
     #: Store visual features of the horizontally flipped image too, so that flip
-    #: augmentation stays consistent (METHOD.md, Visual).
+    #: augmentation stays consistent (docs/method.md, Visual).
     flip: bool = True
 
 
@@ -316,7 +316,7 @@ class TrainConfig(_Section):
     #: Gradient clipping max norm (0 = off).
     clip_norm: float = Field(1.0, ge=0)
     ema_decay: float = Field(0.9999, ge=0, le=1)
-    #: λ of METHOD.md Eq. 12.
+    #: λ of docs/method.md Eq. 12.
     proj_coeff: float = Field(0.5, ge=0)
     #: Horizontal flip augmentation (uses the stored flipped features).
     hflip: bool = True
@@ -461,7 +461,7 @@ class RayConfig(_Section):
     #: None = start a local Ray (or join RAY_ADDRESS when set).
     address: Optional[str] = None
     num_cpus: Optional[int] = Field(None, ge=1)
-    #: Hash partitions for the per-class groupby (DESIGN.md: the default 200 is slow).
+    #: Hash partitions for the per-class groupby (docs/design.md: the default 200 is slow).
     groupby_partitions: Optional[int] = Field(None, ge=1)
     #: On a cluster whose work spans several nodes, a node-local path as ``run_dir`` /
     #: ``train_dir`` / ``sweep.dir`` (or as ``condensed`` / ``checkpoint`` / ``score.reuse_from``)
@@ -476,7 +476,7 @@ class RayConfig(_Section):
 
 
 class D2CConfig(_Section):
-    """Every stage's settings. ``run_dir`` holds condense outputs (DESIGN.md Artifacts)."""
+    """Every stage's settings. ``run_dir`` holds condense outputs (docs/design.md Artifacts)."""
 
     name: str = "d2c"
     run_dir: str = "runs/embedded"

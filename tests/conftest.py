@@ -12,7 +12,7 @@ from pathlib import Path  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
-#: Logical CPUs of the shared test Ray session (oversubscribes 2 cores on purpose: DESIGN.md).
+#: Logical CPUs of the shared test Ray session (oversubscribes 2 cores on purpose: docs/design.md).
 TEST_RAY_CPUS = 4
 
 

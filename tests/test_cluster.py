@@ -681,7 +681,7 @@ def test_job_submit_condense_on_a_local_head(local_head, scorer_ckpt, tmp_path):
         f"{r.stdout[-6000:]}\n{r.stderr[-3000:]}\n{_head_diagnostics(head['tmp'], job_id)}")
     assert r.returncode == 0
 
-    # The run directory the job wrote (DESIGN.md, Artifacts).
+    # The run directory the job wrote (docs/design.md, Artifacts).
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["rows"]["listed"] == cfg.data.max_per_class * len(manifest["class_names"])
     assert manifest["rows"]["selected"] == cfg.select.budget

@@ -26,7 +26,7 @@ from d2c.train.objective import ARCH_SIT, D2CObjective  # noqa: E402
 #: Relative agreement required of the analytic DiT count and torch's FlopCounterMode (they
 #: count the same matmuls, so they should agree exactly; this allows for rounding only).
 FLOP_TOLERANCE = 1e-6
-#: The analytic XL/2 and L/2 counts against METHOD.md's GMACs (which are rounded to 0.1 G).
+#: The analytic XL/2 and L/2 counts against docs/method.md's GMACs (which are rounded to 0.1 G).
 METHOD_MD_TOLERANCE = 0.02
 XL2_GMACS, L2_GMACS = 118.6, 80.7
 #: Counted training FLOPs over 3 × forward: the backward skips the input gradients of the

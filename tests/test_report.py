@@ -1,6 +1,6 @@
 """``d2c report``: a synthetic but format-correct RUN / TRAIN / EVAL / DEMO / sweep set → one HTML page.
 
-The artifacts are written here with the schemas of DESIGN.md (Artifacts), using real
+The artifacts are written here with the schemas of docs/design.md (Artifacts), using real
 Fashion-MNIST ids so that the image grids load real pixels.
 """
 

@@ -1,4 +1,4 @@
-"""Class text embeddings (DC-Embedding inputs, METHOD.md Eq. 8).
+"""Class text embeddings (DC-Embedding inputs, docs/method.md Eq. 8).
 
 One prompt per class (``attach.text.template``), encoded once by a frozen text encoder
 into token states ``[C, L, d]`` and a mask ``[C, L]``, stored beside the condensed set

@@ -1,4 +1,4 @@
-"""Per-image attach: latents and visual patch tokens, flip-consistent (METHOD.md, Visual).
+"""Per-image attach: latents and visual patch tokens, flip-consistent (docs/method.md, Visual).
 
 For every selected image this computes ``latent = E(x)`` and the vision encoder's tokens
 fitted to the diffusion transformer's token count h, and — when flips are on — the same

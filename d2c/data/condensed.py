@@ -1,4 +1,4 @@
-"""The condensed-dataset format (DESIGN.md, ``RUN/condensed/``): a public contract.
+"""The condensed-dataset format (docs/design.md, ``RUN/condensed/``): a public contract.
 
 A condensed set is a directory of parquet shards with one row per selected image:
 

@@ -1,6 +1,6 @@
 """SiT's linear interpolant (stochastic interpolant / rectified-flow path) and its v-loss.
 
-Path (REPA's convention, the one METHOD.md states; t = 0 is data, t = 1 is noise)::
+Path (REPA's convention, the one docs/method.md states; t = 0 is data, t = 1 is noise)::
 
     x_t = (1 − t)·x0 + t·ε,        v = dx_t/dt = ε − x0,        t ~ U[0, 1]
 

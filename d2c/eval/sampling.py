@@ -1,4 +1,4 @@
-"""Class-balanced sampling from a trained DiT/SiT with its EMA weights (METHOD.md, Evaluate).
+"""Class-balanced sampling from a trained DiT/SiT with its EMA weights (docs/method.md, Evaluate).
 
 Which sample is which
 ---------------------

@@ -9,7 +9,7 @@ embedding layers, the core model, positional-embedding helpers, model configs.
   as the official model does.
 * SiT uses the same network; only the diffusion wrapper (interpolant, time range) differs.
   The timestep embedder accepts fractional ``t`` (SiT feeds ``t`` in [0, 1] directly).
-* ``text_dim`` switches the label embedder to :class:`DCEmbedding` (METHOD.md Eq. 9);
+* ``text_dim`` switches the label embedder to :class:`DCEmbedding` (docs/method.md Eq. 9);
   ``proj_dim`` adds the REPA projector applied after block ``encoder_depth`` (Eq. 11-12).
 
 Shapes use N = batch, C = input channels, H = W = input_size, p = patch_size,
@@ -135,7 +135,7 @@ class LabelEmbedder(nn.Module):
 
 
 class DCEmbedding(LabelEmbedder):
-    """D2C's DC-embedding (METHOD.md Eq. 9): class embedding plus a per-class text embedding.
+    """D2C's DC-embedding (docs/method.md Eq. 9): class embedding plus a per-class text embedding.
 
     For token states ``t`` ``[N, L, d_text]`` and mask ``m`` ``[N, L]``::
 

@@ -1,4 +1,4 @@
-"""Baseline selections (METHOD.md): random, min, max, K-Center greedy and Herding.
+"""Baseline selections (docs/method.md): random, min, max, K-Center greedy and Herding.
 
 Every baseline is a *chooser*: ``chooser(sorted_group, n) -> positions`` into one
 class's rows already sorted by ``(score, image_id)``, so every method shares the same

@@ -1,4 +1,4 @@
-"""Per-image visual features for the feature baselines (METHOD.md, Baselines: K-Center
+"""Per-image visual features for the feature baselines (docs/method.md, Baselines: K-Center
 greedy and Herding "on visual features").
 
 One vector per image: the mean over the vision encoder's patch tokens of the *unflipped*

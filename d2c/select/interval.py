@@ -1,4 +1,4 @@
-"""Interval sampling (METHOD.md, Select) and the per-class selection contract.
+"""Interval sampling (docs/method.md, Select) and the per-class selection contract.
 
 Within each class the images are sorted ascending by ``(score, image_id)`` — the id
 breaks ties, so the order is total and deterministic — and ranks ``0, k, 2k, …,
@@ -19,7 +19,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-#: Columns of the selection table (DESIGN.md, RUN/selection/).
+#: Columns of the selection table (docs/design.md, RUN/selection/).
 SELECTION_COLUMNS = ["image_id", "label", "score", "rank", "method"]
 
 

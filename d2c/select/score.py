@@ -1,4 +1,4 @@
-"""The diffusion difficulty score (METHOD.md Eq. 7).
+"""The diffusion difficulty score (docs/method.md Eq. 7).
 
     s(x, c) = 1/|T| · Σ_{t∈T} mean ‖ε_t − ε_θ(√ᾱ_t z + √(1−ᾱ_t) ε_t, t, c)‖²
 

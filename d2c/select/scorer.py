@@ -9,7 +9,7 @@ Three kinds of source are accepted:
   weights' shapes;
 * a diffusers ``DiTTransformer2DModel`` directory or hub id (``facebook/DiT-XL-2-256``).
 
-The scorer is always ε-prediction on the DDPM schedule (METHOD.md): a SiT checkpoint
+The scorer is always ε-prediction on the DDPM schedule (docs/method.md): a SiT checkpoint
 is refused, since its output is a velocity.
 """
 

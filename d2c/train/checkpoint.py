@@ -1,4 +1,4 @@
-"""d2c's checkpoint format (DESIGN.md, ``TRAIN/checkpoints/``): a public contract.
+"""d2c's checkpoint format (docs/design.md, ``TRAIN/checkpoints/``): a public contract.
 
 One directory per checkpoint, ``<ckpt_dir>/step-0000020/``, holding:
 

@@ -1,4 +1,4 @@
-"""The D2C training objective (METHOD.md, Train; Eq. 11-12), in one place.
+"""The D2C training objective (docs/method.md, Train; Eq. 11-12), in one place.
 
     L = L_diff + λ · L_proj,        L_proj = −1/h · Σ_i cos(φ(h_i), y_vis,i)
 

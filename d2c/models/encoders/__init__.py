@@ -1,4 +1,4 @@
-"""Frozen encoders behind small interfaces (METHOD.md: Select's autoencoder; Attach's text
+"""Frozen encoders behind small interfaces (docs/method.md: Select's autoencoder; Attach's text
 and vision encoders). Each wraps one frozen ``nn.Module`` (eval mode, no gradients) and
 encodes under ``torch.no_grad``. Loading failures raise :class:`ModelLoadError`.
 """

@@ -1,4 +1,4 @@
-"""The frozen autoencoder E of METHOD.md (Select): images in [-1, 1] <-> diffusion latents.
+"""The frozen autoencoder E of docs/method.md (Select): images in [-1, 1] <-> diffusion latents.
 
 - :class:`IdentityAutoencoder` — pixel-space models (the embedded default: 1×32×32).
 - :class:`SDVAE` — the Stable Diffusion VAE (``diffusers.AutoencoderKL``), 8× downsampling,

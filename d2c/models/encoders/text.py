@@ -1,4 +1,4 @@
-"""Frozen text encoders for the DC-embedding (METHOD.md, Attach / Text, Eq. 8).
+"""Frozen text encoders for the DC-embedding (docs/method.md, Attach / Text, Eq. 8).
 
 One prompt per class → token states t_c [L, d] and mask m_c [L], L = ``max_length``
 (16 in the paper), padded or truncated. Token states at padded positions are zeroed, so
@@ -22,9 +22,9 @@ from torch import nn
 
 from .common import FrozenEncoder, load_guarded, package_dir, resolve_pretrained
 
-#: Tokens per prompt (METHOD.md: 16).
+#: Tokens per prompt (docs/method.md: 16).
 DEFAULT_MAX_LENGTH = 16
-#: Prompt template (METHOD.md: the paper's text says "a photo of a {class}").
+#: Prompt template (docs/method.md: the paper's text says "a photo of a {class}").
 DEFAULT_TEMPLATE = "a photo of a {}"
 #: Default config key of the text encoder path (d2c.config: ``attach.text.path``).
 TEXT_CONFIG_KEY = "attach.text.path"

@@ -1,6 +1,6 @@
 """Matching a vision encoder's patch tokens to the diffusion transformer's tokens (Eq. 10).
 
-METHOD.md: "keep the first h tokens, h = the diffusion transformer's token count". That
+docs/method.md: "keep the first h tokens, h = the diffusion transformer's token count". That
 literal rule (:func:`select_tokens`) is only spatially meaningful when the two token grids
 are the same — as in the paper (DINOv2-B/14 at 224 px: 16×16 = 256 tokens; DiT-XL/2 at
 256 px: 16×16 = 256) and in the embedded default (EfficientNet-Lite0 at 256 px: 8×8 = 64;
@@ -23,7 +23,7 @@ TOKEN_FIT_MODES = ("first", "resize")
 
 
 def select_tokens(tokens: torch.Tensor, h: int) -> torch.Tensor:
-    """Keep the first ``h`` tokens (METHOD.md Eq. 10, literal): [N, T, d] → [N, h, d], T ≥ h."""
+    """Keep the first ``h`` tokens (docs/method.md Eq. 10, literal): [N, T, d] → [N, h, d], T ≥ h."""
     if tokens.ndim != 3:
         raise ValueError(f"expected tokens [N, T, d], got shape {tuple(tokens.shape)}")
     if not 1 <= h <= tokens.shape[1]:

