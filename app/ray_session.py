@@ -42,6 +42,10 @@ LOCAL_TRAIN_ENV = {
 #: logs without colour codes, and Hugging Face loads models without progress bars (a local Ray's
 #: workers inherit both).
 PLAIN_LOG_ENV = {"RAY_COLOR_PREFIX": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+#: Set before Ray starts or is joined (a value the user exported wins): Ray Train's controller
+#: passes it on to its workers. Ray Train's print patch sends a worker's ``print`` to a logger and,
+#: on a worker's wrapped stdout, to the stream too: every d2c line of a worker reached the driver twice.
+TRAIN_PRINT_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 #: Level of Ray Train's own ``ray.train`` console lines (``RunConfig(logging_config=...)``):
 #: resource requests, worker-group starts and one "Checkpoint successfully created" per checkpoint.
 TRAIN_LOG_LEVEL = "WARNING"
@@ -61,6 +65,8 @@ def init_ray(cfg: Optional[D2CConfig] = None, include_dashboard: Optional[bool] 
     if not on_terminal():
         for key, value in PLAIN_LOG_ENV.items():
             os.environ.setdefault(key, value)
+    for key, value in TRAIN_PRINT_ENV.items():
+        os.environ.setdefault(key, value)
     address = (cfg.ray.address if cfg is not None else None) or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level=logging.WARNING)

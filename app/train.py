@@ -36,7 +36,6 @@ from d2c.config import ConfigError, D2CConfig, build_config, check_paths
 from d2c.storage import JsonlLog, Location, append_line, location
 
 #: Environment variable for fault-injection tests: the worker of rank 0 raises once at this step.
-FAIL_AT_STEP_ENV = "D2C_INJECT_FAILURE_AT_STEP"
 #: Start/restore events of the workers (one JSON line each), beside metrics.jsonl.
 EVENTS_FILE = "events.jsonl"
 #: Checkpoints Ray Train keeps in its own storage (ours are pruned separately).
@@ -276,27 +275,25 @@ def train_loop_per_worker(config: dict) -> None:
         event = {"event": "restore" if source else "start", "step": trainer.step, "source": source, "workers": world,
                  "torch_threads": torch.get_num_threads(), "time": time.time()}
         append_line(train_dir / EVENTS_FILE, event)
-    fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, "0") or 0)
-    marker = train_dir / ".injected_failure"
+        print(f"[d2c] train: {'restored' if source else 'started'} at step {trainer.step}{' from ' + source if source else ''} "
+              f"on {world} worker(s), {event['torch_threads']} torch threads each", flush=True)
     shard = ray.train.get_dataset_shard("train")
     per_worker = max(1, cfg.train.batch_size // world)
     shapes, text = config["shapes"], config["text"]
     use_visual = cfg.model.use_visual and not config["full"] and objective.proj_coeff > 0
     log = JsonlLog(train_dir / "metrics.jsonl", flush_every_s=METRICS_FLUSH_S)
+    if rank == 0 and source is not None and (dropped := log.keep_through(trainer.step)):
+        print(f"[d2c] train: dropped {dropped} metrics rows logged after step {trainer.step}, the checkpoint resumed from", flush=True)
     epoch, skip = int(position.get("epoch", 0)), int(position.get("index", 0))
     t_last, imgs = time.perf_counter(), 0
     batches = ShardBatches(shard, per_worker, cfg.train.seed, rank, cfg.train.cache_in_memory)
     progress = ProgressLine("train", cfg.train.steps, unit="steps", start=trainer.step, enabled=rank == 0)
     while trainer.step < cfg.train.steps:
-        index = 0
-        start_step = trainer.step
+        index = 0  # batches of this epoch seen so far, the skipped ones of a resumed epoch included
         for raw in batches.epoch(epoch):
             if index < skip:
                 index += 1
                 continue
-            if fail_at and trainer.step == fail_at and rank == 0 and not marker.exists():
-                marker.write_text("injected")
-                raise RuntimeError(f"injected failure at step {fail_at} ({FAIL_AT_STEP_ENV})")
             batch = _to_batch(raw, shapes, text, use_visual, cfg.train.hflip and not config["full"], trainer.generator)
             metrics = trainer.train_step(batch)
             index += 1
@@ -328,7 +325,7 @@ def train_loop_per_worker(config: dict) -> None:
                     staging.cleanup()
             if last:
                 break
-        if trainer.step == start_step:  # an epoch without a batch: looping again would spin forever
+        if index == 0:  # an epoch without a batch: looping again would spin forever
             raise RuntimeError(f"epoch {epoch} gave this worker no batch of {per_worker} rows; lower train.batch_size")
         epoch, skip = epoch + 1, 0
 
@@ -432,7 +429,6 @@ def fit(cfg: D2CConfig, train_dir: str | Path | Location, full: bool, holdout: i
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=RAY_CHECKPOINTS_KEPT),
             logging_config=train_logging_config(),
-            worker_runtime_env={"env_vars": {FAIL_AT_STEP_ENV: os.environ[FAIL_AT_STEP_ENV]}} if os.environ.get(FAIL_AT_STEP_ENV) else None,
         ),
         datasets={"train": ds},
     )

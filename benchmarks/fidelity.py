@@ -4,7 +4,9 @@ Herding at the same budget, and by more than the seed-to-seed spread?
 It drives the product's own stages (``run_condense``, ``run_train``, ``run_evaluate`` and
 ``compare_evals``, the code ``d2c demo`` runs) over ``benchmarks/fidelity.yaml``:
 
-1. condense ``d2c`` (scores every image once), then every other variant from those scores;
+1. condense ``d2c``, which scores every image once, and keep a copy of the scores under
+   ``--results/scores`` (committed: a fresh checkout restores them and needs no scorer); every
+   variant, D2C too, then selects from those scores;
 2. for each variant and seed, train; for the ``curve`` variants the run stops at each curve step,
    is evaluated there, and resumes (``train.steps`` raised: the checkpoint carries the exact state);
 3. evaluate the final step; compare each variant with Random of the same seed (paired bootstrap);
@@ -26,11 +28,12 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -113,9 +116,33 @@ class Study:
         curve = variant in self.curve_variants and seed in self.curve_seeds
         return (self.curve_steps if curve else []) + [self.final]
 
-    def config(self, variant: str, seed: int, steps: int, scorer: str):
+    @property
+    def scoring_run(self) -> Path:
+        """The run that scores every image once: D2C's own condense run."""
+        return self.out / "d2c" / "condense"
+
+    def scores(self) -> str:
+        """Score every image once, or restore the scores committed under ``--results``; returns
+        the scorer they came from. A fresh checkout thus skips the scorer and the 60K-image pass."""
+        from app.condense import run_condense
+
+        here, saved = self.scoring_run / "scores", self.results / "scores"
+        if not (here / "_SUCCESS").is_file() and (saved / "_SUCCESS").is_file():
+            shutil.copytree(saved, here, dirs_exist_ok=True)
+            print(f"[fidelity] scores: restored from {saved}", flush=True)
+        if (here / "_SUCCESS").is_file():
+            return json.loads((here / "_settings.json").read_text())["scorer"]
+        from app.train import ensure_embedded_scorer
+
+        scorer = self.cfg.score.scorer or str(ensure_embedded_scorer(self.cfg))
+        run_condense(self.config("d2c", 0, self.final, scorer, scores_from=None))
+        shutil.copytree(here, saved, dirs_exist_ok=True)
+        return scorer
+
+    def config(self, variant: str, seed: int, steps: int, scorer: str, scores_from: Optional[Path] = None):
+        """Every variant, D2C too, selects from the scoring run's scores (``scores_from`` None:
+        the scoring run itself, which scores)."""
         root = self.out / variant
-        scores_from = None if variant == "d2c" else self.out / "d2c" / "condense"
         cfg = variant_config(self.cfg, variant, root, scores_from, scorer, train_name=f"train-s{seed}",
                              eval_name=f"eval-s{seed}-{steps}")
         return build_config(apply_overrides(cfg.to_dict(), [f"train.seed={seed}", f"train.steps={steps}"]))
@@ -149,25 +176,25 @@ class Study:
         from app.condense import run_condense
         from app.evaluate import run_evaluate
         from app.ray_session import init_ray, quiet_data_context
-        from app.train import ensure_embedded_scorer, run_train
+        from app.train import run_train
 
         init_ray(self.cfg)
         quiet_data_context(cfg=self.cfg)
-        scorer = self.cfg.score.scorer or str(ensure_embedded_scorer(self.cfg))
         todo = [(seed, v, steps) for seed in self.seeds for v in self.variants for steps in self.steps_of(v, seed)
                 if not self.done(v, seed, steps)]
-        if todo:  # d2c's condense scores every image once; the other variants select from its scores
-            run_condense(self.config("d2c", 0, self.final, scorer))
+        if not todo:
+            return
+        scorer = self.scores()
         for seed in self.seeds:
             for variant in self.variants:
                 steps_list = self.steps_of(variant, seed)
                 if all(self.done(variant, seed, s) for s in steps_list):
                     continue
-                run_condense(self.config(variant, seed, self.final, scorer))
+                run_condense(self.config(variant, seed, self.final, scorer, self.scoring_run))
                 for steps in steps_list:
                     if self.done(variant, seed, steps):
                         continue
-                    cfg = self.config(variant, seed, steps, scorer)
+                    cfg = self.config(variant, seed, steps, scorer, self.scoring_run)
                     t0 = time.perf_counter()
                     run_train(cfg)
                     t1 = time.perf_counter()

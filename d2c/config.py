@@ -692,7 +692,8 @@ def check_paths(cfg: D2CConfig, stages: tuple[str, ...] = ("data", "score", "att
         raise ConfigError(f"data.class_names_file: {cfg.data.class_names_file!r} does not exist")
     if "score" in stages:
         check_model_path("autoencoder.path", cfg.autoencoder.path)
-        check_model_path("score.scorer", cfg.score.scorer)
+        if not cfg.score.reuse_from:  # reused scores need no scorer
+            check_model_path("score.scorer", cfg.score.scorer)
     if "attach" in stages:
         check_model_path("attach.text.path", cfg.attach.text.path)
         check_model_path("attach.vision.path", cfg.attach.vision.path)

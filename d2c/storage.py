@@ -565,6 +565,30 @@ class JsonlLog:
         self._flushed_at = time.monotonic()
 
 
+    def keep_through(self, step: int) -> int:
+        """Drop the lines whose ``step`` is past ``step``, and a torn last line: what a run wrote
+        after the checkpoint it resumes from. Resuming then logs each step once. Returns how many
+        lines were dropped."""
+        if not self.loc.is_file():
+            return 0
+        lines = (self._remote_text if self._remote_text is not None else self.loc.read_text()).splitlines()
+        kept = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a killed process
+                continue
+            if not isinstance(record, dict) or record.get("step", step) <= step:
+                kept.append(line)
+        dropped = len(lines) - len(kept)
+        if dropped:
+            text = "".join(line + "\n" for line in kept)
+            self.loc.write_text(text)
+            if self._remote_text is not None:
+                self._remote_text = text
+        return dropped
+
+
 def append_line(loc: Location, record: dict[str, Any]) -> None:
     """Append one JSON line and make it visible at once (for rare events)."""
     log = JsonlLog(loc)

@@ -21,9 +21,9 @@ def ray_session():
     """One local Ray for the whole test session (ray.init costs seconds)."""
     import ray
 
-    from app.ray_session import LOCAL_TRAIN_ENV
+    from app.ray_session import LOCAL_TRAIN_ENV, TRAIN_PRINT_ENV
 
-    for key, value in LOCAL_TRAIN_ENV.items():  # as init_ray sets them for a local Ray
+    for key, value in {**LOCAL_TRAIN_ENV, **TRAIN_PRINT_ENV}.items():  # as init_ray sets them for a local Ray
         os.environ.setdefault(key, value)
     if not ray.is_initialized():
         ray.init(num_cpus=TEST_RAY_CPUS, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
@@ -84,16 +84,21 @@ def scorer_ckpt(tmp_path_factory):
     return train_tiny_scorer(tmp_path_factory.mktemp("scorer") / "checkpoints")
 
 
+#: The embedded config at test size: 12 images per class, 3 selected per class (flips: ImageNet's setting).
+TINY_OVERRIDES = ["data.max_per_class=12", "select.budget=30", "select.k=3", "score.num_timesteps=2", "score.batch_size=16",
+                  "score.forward_rows=32", "score.shard_rows=40", "attach.vision.batch_size=16", "model.patch_size=8",
+                  "attach.flip=true", "train.hflip=true"]
+#: A training run at test size on a tiny condensed set.
+TINY_TRAIN = ["model.patch_size=8", "model.hidden_size=32", "model.num_heads=2", "model.depth=2", "model.encoder_depth=1",
+              "model.proj_hidden_dim=32", "train.batch_size=8", "train.log_every=1", "train.ckpt_every=2"]
+
+
 def tiny_cfg(run_dir, scorer, *extra):
-    """The embedded config at test size: 12 images per class, 3 selected per class."""
+    """The embedded config at test size (:data:`TINY_OVERRIDES`)."""
     from d2c.config import load_config
 
-    return load_config(
-        ROOT / "configs" / "embedded.yaml",
-        [f"run_dir={run_dir}", f"score.scorer={scorer}", "data.max_per_class=12", "select.budget=30", "select.k=3",
-         "score.num_timesteps=2", "score.batch_size=16", "score.forward_rows=32", "score.shard_rows=40", "attach.vision.batch_size=16",
-         "model.patch_size=8", "attach.flip=true", "train.hflip=true", *extra],  # flips: ImageNet's setting
-    )
+    return load_config(ROOT / "configs" / "embedded.yaml",
+                       [f"run_dir={run_dir}", f"score.scorer={scorer}", *TINY_OVERRIDES, *extra])
 
 
 @pytest.fixture(scope="session")

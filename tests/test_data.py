@@ -7,6 +7,7 @@ import io
 import json
 import pickle
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -346,6 +347,11 @@ def test_model_tensor_range_and_round_trip():
     assert to_uint8(torch.tensor([[[[-3.0, 2.0]]]])).ravel().tolist() == [0, 255]
     with pytest.raises(ValueError):
         to_model_tensor(batch.astype(np.float32))
+    frozen = batch.copy()
+    frozen.flags.writeable = False  # as Ray hands batches over: no "not writable" warning per call
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(to_model_tensor(frozen), x)
 
 
 # ---------------------------------------------------------------------------

@@ -8,11 +8,10 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, TINY_TRAIN
 
-#: A toy `d2c train` on the condensed test run (the model of test_train_app, a report every step).
-TOY_TRAIN = ["model.patch_size=8", "model.hidden_size=32", "model.num_heads=2", "model.depth=2", "model.encoder_depth=1",
-             "model.proj_hidden_dim=32", "train.batch_size=8", "train.log_every=1", "train.ckpt_every=2", "train.steps=4"]
+#: A toy `d2c train` on the condensed test run (a report every step).
+TOY_TRAIN = [*TINY_TRAIN, "train.steps=4"]
 #: Most bytes the toy run may print (its own lines are about 1 KB).
 MAX_OUTPUT_BYTES = 20_000
 
@@ -31,6 +30,8 @@ def test_train_output_off_a_terminal_is_quiet(condensed_run, tmp_path):
     assert "[d2c] train: 30 rows, 10 classes" in text and "[d2c] train: reached step 4" in text, text[-4000:]
     assert "Reporting training result" not in text, text[-4000:]
     assert b"\x1b[" not in out and b"\r" not in out, text[-4000:]  # no colour codes, no bar redraws
+    worker_lines = [line for line in text.splitlines() if "RayTrainWorker" in line and "[d2c]" in line]
+    assert worker_lines and len(set(worker_lines)) == len(worker_lines), text[-4000:]  # each worker line once
     assert len(out) < MAX_OUTPUT_BYTES, f"{len(out)} bytes:\n{text[-4000:]}"
 
 

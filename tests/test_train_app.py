@@ -1,4 +1,4 @@
-"""`d2c train` on Ray Train: multi-worker, resume, worker failure, scorer from scratch."""
+"""`d2c train` on Ray Train: multi-worker, resume, scorer from scratch (killed workers: test_faults.py)."""
 
 import json
 
@@ -6,20 +6,16 @@ import pytest
 import torch
 
 from app.cli import main
-from app.train import FAIL_AT_STEP_ENV, ensure_embedded_scorer, run_train, worker_resources
-from conftest import ROOT
+from app.train import ensure_embedded_scorer, run_train, worker_resources
+from conftest import ROOT, TINY_TRAIN
 from d2c.config import ConfigError, load_config
 from d2c.select.scorer import load_scorer
 from d2c.train.checkpoint import latest_checkpoint, load_checkpoint, load_model
 
 
 def _train_cfg(run, train_dir, *extra):
-    return load_config(
-        ROOT / "configs" / "embedded.yaml",
-        [f"run_dir={run}", f"condensed={run / 'condensed'}", f"train_dir={train_dir}", "model.patch_size=8",
-         "model.hidden_size=32", "model.num_heads=2", "model.depth=2", "model.encoder_depth=1", "model.proj_hidden_dim=32",
-         "train.batch_size=8", "train.log_every=1", "train.ckpt_every=2", *extra],
-    )
+    return load_config(ROOT / "configs" / "embedded.yaml",
+                       [f"run_dir={run}", f"condensed={run / 'condensed'}", f"train_dir={train_dir}", *TINY_TRAIN, *extra])
 
 
 def _metrics(train_dir):
@@ -51,20 +47,17 @@ def test_two_workers_then_resume(condensed_run, tmp_path, capsys):
     assert "nothing to do" in capsys.readouterr().out
 
 
-def test_worker_failure_restores_from_last_checkpoint(condensed_run, tmp_path, monkeypatch, capsys):
+def test_resume_at_the_end_of_an_epoch(condensed_run, tmp_path):
+    """A checkpoint taken on an epoch's last batch (30 rows, batch 8: 3 batches an epoch) resumes
+    into the next epoch; its resumed epoch has no batch left to train, and that is not a stall."""
     run, _ = condensed_run
     tdir = tmp_path / "train"
-    monkeypatch.setenv(FAIL_AT_STEP_ENV, "3")
-    assert run_train(_train_cfg(run, tdir, "train.steps=4", "train.max_failures=1", "train.cpus_per_worker=2")) == 0
-    assert (tdir / ".injected_failure").is_file()
-    steps = [m["step"] for m in _metrics(tdir)]
-    # steps 1-3 ran, the failure hit after step 3 (before its checkpoint), Ray Train restarted the
-    # workers from the step-2 checkpoint and step 3 was trained again
-    assert steps == [1, 2, 3, 3, 4]
-    events = [json.loads(line) for line in (tdir / "events.jsonl").read_text().splitlines()]
-    assert [(e["event"], e["step"]) for e in events] == [("start", 0), ("restore", 2)]
-    assert events[1]["source"] == "Ray Train checkpoint (worker restart)"
-    assert [e["torch_threads"] for e in events] == [2, 2]  # train.cpus_per_worker reaches the worker
+    assert run_train(_train_cfg(run, tdir, "train.steps=3", "train.ckpt_every=3")) == 0
+    state = load_checkpoint(latest_checkpoint(tdir / "checkpoints"))
+    assert state["trainer"]["data"] == {"epoch": 0, "index": 3}
+    assert run_train(_train_cfg(run, tdir, "train.steps=5", "train.ckpt_every=3")) == 0
+    assert [m["step"] for m in _metrics(tdir)] == [1, 2, 3, 4, 5]
+    assert [m["epoch"] for m in _metrics(tdir)] == [0, 0, 0, 1, 1]
 
 
 def test_to_batch_picks_flips_with_the_trainers_generator_on_its_device():

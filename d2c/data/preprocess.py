@@ -134,7 +134,11 @@ def to_model_tensor(batch: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 ``[N, H, W, C]`` → float32 ``[N, C, H, W]`` in [-1, 1] (``x / 127.5 - 1``)."""
     import torch
 
-    t = torch.from_numpy(np.ascontiguousarray(batch)) if isinstance(batch, np.ndarray) else batch
+    if isinstance(batch, np.ndarray):  # Ray hands over read-only arrays; the conversion below copies anyway
+        batch = np.ascontiguousarray(batch)
+        t = torch.from_numpy(batch if batch.flags.writeable else batch.copy())
+    else:
+        t = batch
     if t.dtype != torch.uint8 or t.ndim != 4:
         raise ValueError(f"expected uint8 [N, H, W, C], got {t.dtype} {tuple(t.shape)}")
     return (t.permute(0, 3, 1, 2).to(torch.float32) / _HALF_UINT8 - 1.0).contiguous()
