@@ -776,8 +776,9 @@ class Sizes:
     dino: dict[str, int]
 
 
-def real_sizes() -> Sizes:
-    latent = IMAGE_SIZE // VAE_DOWNSAMPLE
+def real_sizes(image_size: int = IMAGE_SIZE) -> Sizes:
+    """The paper's models at ``image_size`` (256, or 512: 64 × 64 latents, 1,024 tokens)."""
+    latent = image_size // VAE_DOWNSAMPLE
     common = dict(input_size=latent, in_channels=LATENT_CHANNELS, num_classes=IMAGENET_CLASSES,
                   class_dropout_prob=CLASS_DROPOUT)
     return Sizes(
@@ -789,7 +790,7 @@ def real_sizes() -> Sizes:
             proj_hidden_dim=PROJ_HIDDEN_DIM, encoder_depth=ENCODER_DEPTH, **common,
         ),
         num_classes=IMAGENET_CLASSES,
-        image_size=IMAGE_SIZE,
+        image_size=image_size,
         vae_channels=SD_VAE_BLOCK_CHANNELS,
         vae_layers=SD_VAE_LAYERS_PER_BLOCK,
         vae_groups=SD_VAE_NORM_GROUPS,
@@ -1557,6 +1558,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-threads", type=int, default=None, help="torch intra-op threads on CPU (--tiny: 1)")
     p.add_argument("--flops-projection", default=None, metavar="NAME:PEAK_TFLOPS:MFU,...",
                    help="print GPU-hours projected from analytic FLOPs at these peaks and MFUs, measure nothing")
+    p.add_argument("--projection-image-size", type=int, choices=(256, 512), default=IMAGE_SIZE,
+                   help="image side of --flops-projection (512: 64x64 latents, 1,024 tokens)")
     return p
 
 
@@ -1662,19 +1665,19 @@ def run_suite(args: argparse.Namespace) -> tuple[dict[str, Any], list[Row]]:
     return suite_meta(ctx), rows
 
 
-def flops_projection(specs: str, num_timesteps: int) -> str:
+def flops_projection(specs: str, num_timesteps: int, image_size: int = IMAGE_SIZE) -> str:
     """A markdown table of GPU-hours projected from analytic FLOPs, no measurement.
 
     ``specs``: comma list of ``NAME:PEAK_TFLOPS:MFU`` (e.g. ``H100:989:0.3``). Scoring is
     ``1.28M × num_timesteps`` forwards of the real-size scorer; training ``40k × 256`` images
     at :data:`TRAIN_FLOPS_PER_FORWARD` forwards each of the real-size training model
     (:func:`dit_forward_flops`). GPU-hours = FLOPs / (peak × MFU); wall hours on 8 GPUs assume
-    linear scaling.
+    linear scaling. ``image_size`` 512 projects the same models at 1,024 tokens.
     """
-    sizes = real_sizes()
+    sizes = real_sizes(image_size)
     score = IMAGENET_TRAIN_IMAGES * num_timesteps * dit_forward_flops(sizes.scorer)
     train = PROJECTED_STEPS * PROJECTED_GLOBAL_BATCH * TRAIN_FLOPS_PER_FORWARD * dit_forward_flops(sizes.train_model)
-    lines = [f"Projected, not measured: {sizes.scorer_name} scoring {IMAGENET_TRAIN_IMAGES:,} images × T={num_timesteps} "
+    lines = [f"Projected, not measured, at {image_size} px: {sizes.scorer_name} scoring {IMAGENET_TRAIN_IMAGES:,} images × T={num_timesteps} "
              f"({score / 1e15:,.0f} PFLOP), {sizes.train_name} training {PROJECTED_STEPS:,} steps × batch "
              f"{PROJECTED_GLOBAL_BATCH} ({train / 1e15:,.0f} PFLOP); GPU-hours = FLOPs / (peak × MFU).", "",
              "| GPU | peak TFLOPS | MFU | scoring GPU-h | training GPU-h | wall h on 8 GPUs |", "|---|---|---|---|---|---|"]
@@ -1694,7 +1697,7 @@ def flops_projection(specs: str, num_timesteps: int) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = resolve_args(argv)
     if args.flops_projection:
-        print(flops_projection(args.flops_projection, args.num_timesteps), flush=True)
+        print(flops_projection(args.flops_projection, args.num_timesteps, args.projection_image_size), flush=True)
         return 0
     meta, rows = run_suite(args)
     print(write_outputs(args.out, meta, rows), flush=True)

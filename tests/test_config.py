@@ -10,7 +10,7 @@ from d2c.config import ConfigError, check_paths, load_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["embedded.yaml", "imagenet256.yaml"])
+@pytest.mark.parametrize("name", ["embedded.yaml", "imagenet256.yaml", "imagenet512.yaml"])
 def test_shipped_configs_validate(name, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     cfg = load_config(ROOT / "configs" / name)
@@ -22,6 +22,25 @@ def test_embedded_derived_sizes():
     assert (cfg.latent_channels, cfg.latent_size, cfg.num_tokens) == (1, 32, 64)
     cfg = load_config(ROOT / "configs" / "imagenet256.yaml")
     assert (cfg.latent_channels, cfg.latent_size, cfg.patch_size, cfg.num_tokens) == (4, 32, 2, 256)
+
+
+def test_imagenet512_builds_its_model_at_1024_tokens():
+    """The paper's 512 px setting: 64 × 64 SD-VAE latents, DiT-L/2 at 1,024 tokens, and DINOv2-B/14
+    at 448 px giving exactly those 1,024 tokens; the model is built at real shape on the meta device."""
+    import torch
+
+    from d2c.models.build import build_model, dit_kwargs
+
+    cfg = load_config(ROOT / "configs" / "imagenet512.yaml")
+    assert (cfg.latent_channels, cfg.latent_size, cfg.patch_size, cfg.num_tokens) == (4, 64, 2, 1024)
+    assert (cfg.attach.vision.image_size // 14) ** 2 == cfg.num_tokens  # DINOv2 patch 14: no token dropped
+    kw = dit_kwargs(cfg, 1000, text_dim=2048, proj_dim=768)
+    with torch.device("meta"):
+        net = build_model(kw)
+    assert tuple(net.pos_embed.shape) == (1, 1024, 1024)  # L/2: hidden 1024
+    assert len(net.blocks) == 24 and net.x_embedder.num_patches == 1024
+    params = sum(p.numel() for p in net.parameters())
+    assert 450e6 < params < 520e6, params  # DiT-L/2's 458M plus the DC-embedding and REPA projector
 
 
 def test_overrides_are_typed_and_nested():

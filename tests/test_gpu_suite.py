@@ -29,6 +29,8 @@ FLOP_TOLERANCE = 1e-6
 #: The analytic XL/2 and L/2 counts against docs/method.md's GMACs (which are rounded to 0.1 G).
 METHOD_MD_TOLERANCE = 0.02
 XL2_GMACS, L2_GMACS = 118.6, 80.7
+#: DiT-XL/2 at 512 px (DiT's paper, Table 4).
+XL2_512_GMACS = 524.6
 #: Counted training FLOPs over 3 × forward: the backward skips the input gradients of the
 #: patch embedding and the text conv (their inputs need none), so slightly below 3×.
 TRAIN_RATIO_RANGE = (0.9, 1.0)
@@ -138,6 +140,19 @@ def test_xl2_and_l2_counts_match_method_md():
     sizes = gs.real_sizes()
     assert gs.dit_forward_flops(sizes.scorer) == xl
     assert sizes.train_model["proj_dim"] == 768 and sizes.train_model["text_dim"] == 2048
+
+
+def test_512px_counts_beside_256px():
+    """At 512 px (64 × 64 latents, 1,024 tokens) DiT-XL/2 is 524.6 GMACs a forward (DiT's paper);
+    the projection's scoring FLOPs grow by that ratio."""
+    xl512 = gs.dit_forward_flops(gs.real_sizes(512).scorer)
+    assert xl512 == pytest.approx(2 * XL2_512_GMACS * 1e9, rel=METHOD_MD_TOLERANCE)
+    assert gs.real_sizes(512).scorer["input_size"] == 64 and gs.real_sizes().scorer["input_size"] == 32
+    table = gs.flops_projection("H100:989:0.3", num_timesteps=8, image_size=512)
+    row = next(line for line in table.splitlines() if line.startswith("| H100 |"))
+    score_hours = float(row.strip("|").split("|")[3])
+    assert score_hours == pytest.approx(1_281_167 * 8 * xl512 / (989e12 * 0.3) / 3600, abs=0.05)
+    assert "at 512 px" in table
 
 
 def test_flops_projection_is_flops_over_peak_times_mfu():
