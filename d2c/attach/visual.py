@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from d2c.config import D2CConfig
-from d2c.data.preprocess import to_model_tensor
+from d2c.data.preprocess import host_tensor, to_model_tensor
 from d2c.models.encoders import Autoencoder, VisionEncoder, fit_tokens, load_autoencoder, load_vision_encoder
 from d2c.models.encoders.autoencoder import IdentityAutoencoder
 from d2c.select.score import image_seed
@@ -96,7 +96,7 @@ class AttachEncoder:
             latent = encode_latents(self.autoencoder, imgs, image_ids, self.seed, self.cfg.autoencoder.encode_rows)
             out["latent" + suffix] = latent.cpu().numpy()
             if self.vision is not None:
-                chw = torch.from_numpy(np.ascontiguousarray(imgs.transpose(0, 3, 1, 2)))
+                chw = host_tensor(imgs.transpose(0, 3, 1, 2))
                 tokens = fit_tokens(self.vision.encode(chw), self.num_tokens, TOKEN_FIT_MODE)
                 out["visual" + suffix] = tokens.cpu().numpy().astype(np.float16)
         return out

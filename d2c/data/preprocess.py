@@ -130,15 +130,20 @@ def preprocess_image(img: np.ndarray, image_size: int, method: str) -> np.ndarra
     raise ValueError(f"preprocess method must be one of {PREPROCESS_METHODS}, got {method!r}")
 
 
+def host_tensor(a: np.ndarray) -> torch.Tensor:
+    """A C-contiguous array as a CPU tensor without a copy where it can be shared; Ray hands over
+    read-only arrays, which torch would share with a warning, so those are copied."""
+    import torch
+
+    a = np.ascontiguousarray(a)
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
+
+
 def to_model_tensor(batch: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 ``[N, H, W, C]`` → float32 ``[N, C, H, W]`` in [-1, 1] (``x / 127.5 - 1``)."""
     import torch
 
-    if isinstance(batch, np.ndarray):  # Ray hands over read-only arrays; the conversion below copies anyway
-        batch = np.ascontiguousarray(batch)
-        t = torch.from_numpy(batch if batch.flags.writeable else batch.copy())
-    else:
-        t = batch
+    t = host_tensor(batch) if isinstance(batch, np.ndarray) else batch
     if t.dtype != torch.uint8 or t.ndim != 4:
         raise ValueError(f"expected uint8 [N, H, W, C], got {t.dtype} {tuple(t.shape)}")
     return (t.permute(0, 3, 1, 2).to(torch.float32) / _HALF_UINT8 - 1.0).contiguous()

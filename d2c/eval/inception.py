@@ -61,6 +61,8 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 from tqdm.auto import tqdm
 
+from d2c.data.preprocess import host_tensor
+
 # ---------------------------------------------------------------------------
 # Constants of the network and of ADM's evaluator
 # ---------------------------------------------------------------------------
@@ -171,7 +173,7 @@ def extractor_id(source: Source = "torchscript", weights_path: str | None = None
 # Image layout
 # ---------------------------------------------------------------------------
 def _as_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
+    t = host_tensor(images) if isinstance(images, np.ndarray) else images
     if t.dtype != torch.uint8:
         raise TypeError(f"images must be uint8 in [0, 255], got {t.dtype}: convert floats explicitly first")
     return t

@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from d2c.data.preprocess import host_tensor
 from d2c.models.encoders import VisionEncoder
 
 #: How the patch tokens [T, d] of one image become its feature [d] (recorded in the features' settings).
@@ -43,7 +44,7 @@ def pooled_features(encoder: VisionEncoder, images: np.ndarray, forward_rows: in
         raise ValueError(f"expected uint8 images [B, H, W, C], got {images.dtype} {images.shape}")
     if forward_rows < 1:
         raise ValueError(f"forward_rows must be >= 1 (select.feature_batch_size), got {forward_rows}")
-    chw = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))  # [B, C, H, W]
+    chw = host_tensor(images.transpose(0, 3, 1, 2))  # [B, C, H, W]
     out = np.empty((len(chw), encoder.dim), np.float32)
     for start in range(0, len(chw), forward_rows):
         chunk = chw[start : start + forward_rows]
