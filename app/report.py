@@ -580,8 +580,11 @@ def _demo_variants(demo: Demo, loader: _Loader) -> list[Variant]:
     if not isinstance(runs, Mapping) or not runs:
         demo.missing.append(f"{demo.path / 'demo.json'}: no 'runs'")
         return []
+    from app.variants import VARIANTS
+
+    order = list(VARIANTS)  # D2C first, then its baselines, as the demo ran them; unknown names last
     out = []
-    for name, parts in runs.items():
+    for name, parts in sorted(runs.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), str(kv[0]))):
         parts = parts if isinstance(parts, Mapping) else {}
         v = Variant(str(name))
         for kind in ("condense", "train", "eval"):

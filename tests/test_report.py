@@ -299,6 +299,7 @@ def test_demo_report_opens_with_the_verdict(demo_page, demo_dir):
     for label, fid in (("D2C", "35.86"), ("Random + Attach", "41.5"), ("Random", "48.12")):
         assert label in verdict and fid in verdict, (label, fid)
     assert verdict.count("0.0123 ± 0.0011") == 3
+    assert verdict.index("35.86") < verdict.index("48.12") < verdict.index("41.5")  # D2C first, then as app/variants.py lists
     assert "[33.36, 38.11] (95 %)" in verdict
     # Every comparison file: ΔFID, its interval and d2c compare's verdict sentence.
     for (a, b), (_, point, low, high) in COMPARISONS.items():
