@@ -175,6 +175,16 @@ def test_staging_copies_and_jsonl(root, tmp_path):
     log.append({"step": 1})
     log.append({"step": 2})
     assert [json.loads(x)["step"] for x in (root / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    # a run killed after step 4 (its last line torn) resumes from the step-2 checkpoint: steps 3, 4
+    # and the torn line go, and the resumed run logs each step once
+    log.flush()
+    (root / "metrics.jsonl").write_text((root / "metrics.jsonl").read_text() + '{"step": 3}\n{"step": 4}\n{"st')
+    resumed = JsonlLog(root / "metrics.jsonl")
+    assert resumed.keep_through(2) == 3
+    resumed.append({"step": 3})
+    resumed.flush()
+    assert [json.loads(x)["step"] for x in (root / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert JsonlLog(root / "none.jsonl").keep_through(2) == 0
 
 
 def test_fsspec_fallback_for_a_scheme_pyarrow_does_not_know():
