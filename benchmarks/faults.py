@@ -93,6 +93,16 @@ def descendants_named(needle: str, root: Optional[int] = None) -> list:
     return found
 
 
+def describe(cmdline: list[str]) -> str:
+    """A process as a reader knows it: Ray's title (``ray::RayTrainWorker``) or ``d2c <command> driver``."""
+    words = " ".join(cmdline).split()
+    if words and words[0].startswith("ray::"):
+        return words[0]
+    if "app.cli" in words and words.index("app.cli") + 1 < len(words):
+        return f"d2c {words[words.index('app.cli') + 1]} driver"
+    return " ".join(words)[:80]
+
+
 class Killer(threading.Thread):
     """Waits until ``ready()`` holds, then SIGKILLs the first process ``target()`` names, once.
 
@@ -115,7 +125,7 @@ class Killer(threading.Thread):
                 if procs:
                     p = procs[0]
                     try:
-                        name = " ".join(p.cmdline())[:80]
+                        name = describe(p.cmdline())
                         os.kill(p.pid, signal.SIGKILL)
                     except (ProcessLookupError, OSError):
                         continue
@@ -456,11 +466,12 @@ def write_results(outcomes: list[Outcome], results: Path) -> None:
     lines = ["# Fault cases", "", "SIGKILL from outside to a real process of a running job; the job then finishes by "
              "Ray's retry or by rerunning the same command, and its outputs are compared with an uninterrupted run's.", "",
              "```", "python benchmarks/faults.py --out runs/faults --results benchmarks/results/faults", "```", "",
-             "| case | killed at | recovered by | uninterrupted run (s) | kill to finished outputs (s) | identical |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {o.case} | {o.at} | {o.recovered_by} | {o.reference_s} | {o.recover_s} | "
+             "| case | killed | at | recovered by | uninterrupted run (s) | kill to finished outputs (s) | identical |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {o.case} | `{o.killed}` | {o.at} | {o.recovered_by} | {o.reference_s} | {o.recover_s} | "
               f"{'yes' if o.identical else 'NO: ' + '; '.join(o.differences)} |" for o in outcomes]
-    lines += ["", "Sizes: " + json.dumps(asdict(BENCHMARK_SIZES)), ""]
+    lines += ["", "Recovery includes the rerun's start-up (imports, joining Ray, restoring). Times depend on what else "
+              "the machine runs; compare them within one table only.", "", "Sizes: " + json.dumps(asdict(BENCHMARK_SIZES)), ""]
     (results / "README.md").write_text("\n".join(lines))
 
 
