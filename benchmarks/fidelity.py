@@ -276,7 +276,9 @@ class Study:
             lines += ["", "## Paired differences against Random (same seed; `d2c compare`, 95 % interval)", "",
                       "| comparison | ΔFID | interval |", "|---|---|---|"]
             lines += [f"| {c['comparison']} | {c['delta_fid']:+.2f} | [{c['low']:+.2f}, {c['high']:+.2f}] |" for c in comps]
-        lines += ["", "`results.csv` holds every measured row (intermediate steps too); `fid_vs_steps.png` the curve.", ""]
+        lines += ["", "`results.csv` holds every measured row (intermediate steps too); `fid_vs_steps.png` the curve; "
+                  "`scores/` the scores of every image that all variants select from (a rerun restores them instead of "
+                  "training the scorer and scoring again; `_scorer_gate.json` is the scorer's held-out check).", ""]
         (self.results / "README.md").write_text("\n".join(lines))
 
 
