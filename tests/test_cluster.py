@@ -50,7 +50,7 @@ IMAGE_REPO_DIR = "/home/ray/d2c/"
 SHARED_STORAGE_VARS = ("HF_HOME", "D2C_CACHE_DIR")
 
 #: Bounds of the end-to-end test (seconds); every wait below is bounded by one of these.
-HEAD_START_TIMEOUT_S = 120
+HEAD_START_TIMEOUT_S = 300
 JOB_TIMEOUT_S = 480
 CLI_TIMEOUT_S = 60
 STOP_GRACE_S = 30
