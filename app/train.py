@@ -35,7 +35,6 @@ from app.stages import ActorStep, ProgressLine, actor_device, actor_pipeline, ad
 from d2c.config import ConfigError, D2CConfig, build_config, check_paths
 from d2c.storage import JsonlLog, Location, append_line, location
 
-#: Environment variable for fault-injection tests: the worker of rank 0 raises once at this step.
 #: Start/restore events of the workers (one JSON line each), beside metrics.jsonl.
 EVENTS_FILE = "events.jsonl"
 #: Checkpoints Ray Train keeps in its own storage (ours are pruned separately).
