@@ -19,10 +19,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "condense": ("app.condense", "run_condense", "score, select and attach: write RUN/condensed"),
     "train": ("app.train", "run_train", "train DiT/SiT on a condensed set (or a full dataset) with Ray Train"),
     "evaluate": ("app.evaluate", "run_evaluate", "sample a checkpoint and compute FID/KID/precision/recall"),
-    "compare": ("app.compare", "run_compare", "FID(A) - FID(B) of two evaluations with a bootstrap interval"),
+    "compare": ("d2c.eval.compare", "run_compare", "FID(A) - FID(B) of two evaluations with a bootstrap interval"),
     "sweep": ("app.sweep", "run_sweep", "Ray Tune sweep of interval k against data budget"),
     "demo": ("app.demo", "run_demo", "the whole method end to end on Fashion-MNIST, offline on a CPU"),
-    "report": ("app.report", "run_report", "write the HTML report for one or more run directories"),
+    "report": ("d2c.report.page", "run_report", "write the HTML report for one or more run directories"),
 }
 
 

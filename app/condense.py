@@ -33,19 +33,7 @@ import pyarrow as pa
 from app.metrics import record
 from app.ray_session import check_shared_storage, init_ray, quiet_data_context
 from app.resources import check_placement
-from app.stages import (
-    ActorStep,
-    StageSettingsError,
-    ProgressLine,
-    StageTimer,
-    actor_device,
-    actor_pipeline,
-    check_settings,
-    non_default,
-    listing_table,
-    write_json_atomic,
-    write_parquet_atomic,
-)
+from app.stages import ActorStep, ProgressLine, StageTimer, actor_device, actor_pipeline, listing_table
 from d2c.config import FEATURE_SELECT_KEYS, ConfigError, D2CConfig, DataConfig, build_config, check_paths
 from d2c.data.condensed import to_arrow
 from d2c.data.source import Listing, list_source
@@ -54,16 +42,16 @@ from d2c.select.interval import (
     SELECTION_COLUMNS,
     ClassSelection,
     SelectionError,
+    all_class_reports,
     check_feasible,
     per_class_budget,
     select_class,
 )
-from d2c.storage import Location, location
+from d2c.rundir import SETTINGS_FILE, SUCCESS_FILE, StageDir, StageSettingsError, non_default, versions
+from d2c.storage import Location, location, write_json_atomic
 
-SETTINGS_FILE = "_settings.json"
 #: Scores rows per hash partition of the per-class groupby (docs/design.md: too many partitions cost seconds).
 GROUPBY_ROWS_PER_PARTITION = 50_000
-SUCCESS_FILE = "_SUCCESS"
 #: RUN/scores' record of the scorer quality gate it passed ("_": Parquet readers skip it).
 GATE_FILE = "_scorer_gate.json"
 #: RUN/selection's per-class reports; "_"-prefixed so Parquet readers of the directory skip it.
@@ -227,16 +215,15 @@ def run_sharded_pass(sp: ShardedPass, listing: Listing, shard_rows: int, data_cf
     Returns:
         stats: shards, shards_reused, rows (written), rejected, seconds (absent when nothing ran).
     """
-    sp.out_dir.mkdir(parents=True, exist_ok=True)
-    check_settings(sp.out_dir / SETTINGS_FILE, sp.settings, f"RUN/{sp.name}",
-                   f"{sp.name.capitalize()} are never mixed across settings: use a new run_dir, or delete "
-                   f"the {sp.name} directory to {sp.fix}.")
-    write_json_atomic(sp.out_dir / SETTINGS_FILE, sp.settings)
+    stage = StageDir(sp.out_dir, sp.settings, f"RUN/{sp.name}",
+                     f"{sp.name.capitalize()} are never mixed across settings: use a new run_dir, or delete "
+                     f"the {sp.name} directory to {sp.fix}.")
+    stage.begin()
     num_shards = -(-len(listing.rows) // shard_rows)
     done = written_shards(sp, num_shards)
     todo = [s for s in range(num_shards) if s not in done]
     stats = {"shards": num_shards, "shards_reused": len(done), "rows": 0, "rejected": 0}
-    if (sp.out_dir / SUCCESS_FILE).is_file() and not todo:
+    if stage.complete and not todo:
         print(f"[d2c] {sp.name}: complete in {sp.out_dir} ({num_shards} shards) — reused, nothing to {sp.verb}", flush=True)
         return stats
     if done:
@@ -270,7 +257,7 @@ def run_sharded_pass(sp: ShardedPass, listing: Listing, shard_rows: int, data_cf
     missing = [s for s in todo if s not in written]
     if missing:
         raise RuntimeError(f"the {sp.name} pass ended with {len(missing)} shards incomplete ({missing[:5]}...); rerun to resume")
-    (sp.out_dir / SUCCESS_FILE).write_text("")
+    stage.commit()
     stats["seconds"] = timer.done(len(positions), f"{stats['rejected']} rejects, {len(done)} shards reused")
     return stats
 
@@ -364,8 +351,8 @@ def _write_score_shard(run: RunDir, shard: int, cols: dict[str, np.ndarray], bad
             "score_t": pa.array(list(score_t), pa.list_(pa.float32())),
         }
     )
-    write_parquet_atomic(rej, run.reject_shard(shard))
-    write_parquet_atomic(scores, run.score_shard(shard))
+    run.reject_shard(shard).write_parquet(rej)
+    run.score_shard(shard).write_parquet(scores)
 
 
 def scorer_gate(cfg: D2CConfig, listing: Listing, run: RunDir, scorer_spec: str) -> Optional[dict[str, Any]]:
@@ -470,7 +457,7 @@ def _write_feature_shard(run: RunDir, shard: int, cols: dict[str, np.ndarray], b
     offsets = pa.array(np.arange(m + 1, dtype=np.int32) * d, pa.int32())
     table = pa.table({**id_label_columns(cols, good),
                       FEATURE_COLUMN: pa.ListArray.from_arrays(offsets, pa.array(feats.reshape(-1), pa.float32()))})
-    write_parquet_atomic(table, run.feature_shard(shard))
+    run.feature_shard(shard).write_parquet(table)
 
 
 def feature_stage(cfg: D2CConfig, listing: Listing, run: RunDir) -> dict[str, Any]:
@@ -490,12 +477,12 @@ def feature_stage(cfg: D2CConfig, listing: Listing, run: RunDir) -> dict[str, An
 
 def _unusable_features(features_dir: Location, settings: dict[str, Any]) -> Optional[str]:
     """None if ``features_dir`` holds complete features made with ``settings``, else why not."""
-    settings_file = features_dir / SETTINGS_FILE
-    if not settings_file.is_file():
+    stage = StageDir(features_dir, settings, "RUN/features")
+    saved = stage.saved_settings()
+    if saved is None:
         return "it holds none"
-    if not (features_dir / SUCCESS_FILE).is_file():
+    if not stage.complete:
         return "they are incomplete"
-    saved = json.loads(settings_file.read_text())
     diffs = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
     return f"they were made with other {', '.join(diffs)}" if diffs else None
 
@@ -515,22 +502,6 @@ def prepare_features(cfg: D2CConfig, listing: Listing, run: RunDir, source: RunD
             return source.features, {}
         print(f"[d2c] features: not reusing {source.features} ({why}) — using {run.features}", flush=True)
     return run.features, feature_stage(cfg, listing, run)
-
-
-def load_features(features_dir: str | Path | Location) -> dict[str, np.ndarray]:
-    """RUN/features (a local path or a storage location) → {image_id: float32 [d]} (every image's pooled
-    visual feature)."""
-    features_dir = location(features_dir)
-    shards = features_dir.glob("shard-*.parquet")
-    if not shards:
-        raise FileNotFoundError(f"no feature shards in {str(features_dir)!r}; run `d2c condense` with select.method=kcenter "
-                                "or herding to compute them")
-    table = pa.concat_tables([f.read_table(columns=["image_id", FEATURE_COLUMN]) for f in shards])
-    ids = table.column("image_id").to_pylist()
-    column = table.column(FEATURE_COLUMN).combine_chunks()
-    d = len(column[0]) if len(column) else 0
-    values = column.flatten().to_numpy().reshape(len(ids), d)
-    return dict(zip(ids, values))
 
 
 # ------------------------------------------------------------------------------------
@@ -620,8 +591,9 @@ def select_stage(
         raise ValueError(f"select.method={cfg.select.method} needs the features directory (prepare_features)")
     features_dir = features_dir if cfg.select.needs_features else None
     n = per_class_budget(cfg.select.budget, num_classes)
-    settings = selection_settings(cfg, scores_dir, features_dir)
-    if check_settings(out_dir / SETTINGS_FILE, settings, "selection", "") and (out_dir / SUCCESS_FILE).is_file():
+    stage = StageDir(out_dir, selection_settings(cfg, scores_dir, features_dir), "selection",
+                     "Use a new run_dir, or delete the selection directory to select again.")
+    if stage.reusable():
         sel = (out_dir / "selection.parquet").read_pandas()
         reports = read_reports(out_dir)
         print(f"[d2c] selection: complete in {out_dir} — reused", flush=True)
@@ -638,25 +610,18 @@ def select_stage(
         fn_kwargs=dict(n=n, method=cfg.select.method, k=cfg.select.k, shortfall=cfg.select.shortfall, seed=cfg.select.seed),
     )
     df = grouped.to_pandas()
-    reports_by_label = {}
+    found = {}
     for rep in df.drop_duplicates("label")["report"] if len(df) else []:
         r = ClassSelection(**json.loads(rep))
-        reports_by_label[r.label] = r
-    for label in range(num_classes):
-        if label not in reports_by_label:
-            if cfg.select.shortfall == "error":
-                raise SelectionError(f"class {label} is empty; remove it from the data or use select.shortfall=clamp")
-            reports_by_label[label] = ClassSelection(label, 0, n, 0, cfg.select.k if cfg.select.method == "d2c" else None, None, "empty class")
-    reports = [reports_by_label[i] for i in range(num_classes)]
+        found[r.label] = r
+    reports = all_class_reports(found, num_classes, n, cfg.select.method, cfg.select.k, cfg.select.shortfall)
     sel = df[SELECTION_COLUMNS].sort_values(["label", "rank"], kind="stable").reset_index(drop=True) if len(df) else pd.DataFrame(columns=SELECTION_COLUMNS)
     sel["label"] = sel["label"].astype(np.int64)
     sel["rank"] = sel["rank"].astype(np.int64)
-    out_dir.rmtree()
-    out_dir.mkdir(parents=True)
+    stage.begin(clear=True)
     (out_dir / "selection.parquet").write_parquet(sel)
     write_json_atomic(out_dir / REPORTS_FILE, [r.to_dict() for r in reports])
-    write_json_atomic(out_dir / SETTINGS_FILE, settings)
-    (out_dir / SUCCESS_FILE).write_text("")
+    stage.commit()
     record("select", "rows_selected", len(sel))
     clamped = [r for r in reports if r.note]
     timer.done(len(sel), f"{len(clamped)} classes clamped/short" if clamped else "")
@@ -700,10 +665,10 @@ def attach_stage(cfg: D2CConfig, listing: Listing, sel: pd.DataFrame, run: RunDi
     from d2c.attach.text import compute_text_embeddings, save_text_embeddings
 
     stats: dict[str, Any] = {}
-    settings = attach_settings(cfg, selection_sha(sel))
-    complete = (run.condensed / SUCCESS_FILE).is_file()
-    done = check_settings(run.condensed / SETTINGS_FILE, settings, "condensed", "") if complete else False
-    if done and (run.condensed / SUCCESS_FILE).is_file() and (run.text.is_file() or cfg.attach.text.encoder == "none"):
+    stage = StageDir(run.condensed, attach_settings(cfg, selection_sha(sel)), "condensed",
+                     "Use a new run_dir, or delete the condensed directory to attach again.")
+    complete = stage.complete
+    if complete and stage.matches() and (run.text.is_file() or cfg.attach.text.encoder == "none"):
         print(f"[d2c] attach: complete in {run.condensed} — reused", flush=True)
         return stats
     if cfg.attach.text.encoder != "none" and cfg.model.use_text:
@@ -721,17 +686,14 @@ def attach_stage(cfg: D2CConfig, listing: Listing, sel: pd.DataFrame, run: RunDi
     step = ActorStep(AttachActor, {"cfg_dict": cfg.to_dict()}, v.batch_size, v.min_actors, v.max_actors,
                      v.num_gpus, v.num_cpus)
     ds = actor_pipeline(table, cfg.data, step)
-    # Completion-marker pattern (object stores cannot rename a directory into place): clear what
-    # is there, write the shards in place, the settings, and _SUCCESS last.
-    if run.condensed.exists():
-        if not complete:
-            print(f"[d2c] attach: {run.condensed} has no {SUCCESS_FILE} (an interrupted run) — clearing it and redoing it", flush=True)
-        run.condensed.rmtree()
-    run.condensed.mkdir()
+    # Object stores cannot rename a directory into place: clear it, write the shards in place,
+    # _SUCCESS last.
+    if run.condensed.exists() and not complete:
+        print(f"[d2c] attach: {run.condensed} has no {SUCCESS_FILE} (an interrupted run) — clearing it and redoing it", flush=True)
+    stage.begin(clear=True)
     out_path, out_fs = run.condensed.for_ray()
     ds.write_parquet(out_path, filesystem=out_fs)
-    write_json_atomic(run.condensed / SETTINGS_FILE, settings)
-    (run.condensed / SUCCESS_FILE).write_text("")
+    stage.commit()
     stats["rows"] = len(positions)
     stats["seconds"] = timer.done(len(positions))
     return stats
@@ -746,10 +708,9 @@ def reused_scores(cfg: D2CConfig, listing: Listing) -> RunDir:
     """The run whose complete scores ``score.reuse_from`` names, checked against this listing."""
     path = location(cfg.score.reuse_from)
     source = RunDir(path.parent if path.name == "scores" else path)
-    settings_file = source.scores / SETTINGS_FILE
-    if not (source.scores / SUCCESS_FILE).is_file() or not settings_file.is_file():
+    saved = StageDir(source.scores, {}, "RUN/scores").saved_settings()
+    if not (source.scores / SUCCESS_FILE).is_file() or saved is None:
         raise ConfigError(f"score.reuse_from: {str(source.scores)!r} holds no complete scores; run `d2c condense` there first")
-    saved = json.loads(settings_file.read_text())
     if saved.get("listing_sha256") != listing.fingerprint():
         raise ConfigError(
             f"score.reuse_from: {str(source.scores)!r} scored another listing ({saved.get('rows')} rows, data {saved.get('data')}); "
@@ -766,18 +727,6 @@ def resolve_scorer(cfg: D2CConfig) -> str:
     from app.train import ensure_embedded_scorer
 
     return str(ensure_embedded_scorer(cfg))
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("d2c", "torch", "ray", "numpy", "pyarrow", "pandas", "diffusers", "transformers", "timm", "torch-fidelity"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
 
 
 def _score_stats(scores_dir: Location, num_classes: int) -> dict[str, Any]:
@@ -843,7 +792,7 @@ def run_condense(cfg: D2CConfig) -> int:
     counts = listing.class_counts()
     manifest = {
         "config": cfg.to_dict(),
-        "versions": _versions(),
+        "versions": versions(),
         "scorer": scorer,
         "scorer_gate": gate_stats,
         "class_names": listing.class_names,

@@ -17,17 +17,17 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from app.compare import describe
 from app.ray_session import init_ray, quiet_data_context
-from app.stages import write_json_atomic
-from app.variants import variant_config
+from d2c.variants import variant_config
 from d2c.config import D2CConfig, apply_overrides, build_config
+from d2c.eval.compare import describe
+from d2c.storage import write_json_atomic
 
-#: The variants the demo compares (app.variants): D2C (select + attach), Random + Attach (the same
+#: The variants the demo compares (d2c.variants): D2C (select + attach), Random + Attach (the same
 #: Attach on a random selection: Select's own effect) and Random (DiT's own recipe on the same budget).
 VARIANTS = ("d2c", "random_attach", "random")
 
-#: FID(d2c) - FID(random) with its bootstrap interval (app.compare), beside demo.json.
+#: FID(d2c) - FID(random) with its bootstrap interval (d2c.eval.compare), beside demo.json.
 COMPARISON_FILE = "comparison.json"
 #: Every pair the demo compares: (a, b) → file; the first is COMPARISON_FILE.
 COMPARISONS = {("d2c", "random"): COMPARISON_FILE,
@@ -88,7 +88,7 @@ def compare_variants(cfg: D2CConfig, cfgs: dict[str, D2CConfig], out_dir: Path) 
     """FID(a) - FID(b) with a paired bootstrap interval for every pair of :data:`COMPARISONS` →
     ``OUT/comparison*.json``; returns file name → result (empty when ``eval.bootstrap_rounds`` is 0;
     200 rounds when it is None)."""
-    from app.compare import compare_evals
+    from d2c.eval.compare import compare_evals
     from d2c.config import DEFAULT_BOOTSTRAP_ROUNDS
 
     rounds = cfg.eval.bootstrap_rounds
@@ -113,7 +113,7 @@ def run_demo(
     """Run (or resume) the demo; prints the report path and the metrics table."""
     from app.condense import run_condense
     from app.evaluate import run_evaluate
-    from app.report import write_report
+    from d2c.report import write_report
     from app.train import ensure_embedded_scorer, run_train
 
     cfg = demo_config(cfg, quick, overrides or [])

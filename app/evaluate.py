@@ -27,10 +27,8 @@
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -40,114 +38,24 @@ import numpy as np
 
 from app.ray_session import check_shared_storage, init_ray, quiet_data_context
 from app.resources import check_placement
-from app.stages import (ProgressLine, StageSettingsError, StageTimer, actor_device, check_settings, decoded, listing_table,
-                        non_default, table_blocks, write_json_atomic)
+from app.stages import ProgressLine, StageTimer, actor_device, decoded, listing_table, table_blocks
 from d2c.config import ConfigError, D2CConfig, DataConfig, build_config, check_model_path
-from d2c.storage import Location, StorageError, is_uri, location
+from d2c.eval.reference import (NPZ_POOL_FEATURES, NPZ_SPATIAL_FEATURES, cache_file, cached_features, cached_stats,
+                                 dataset_reference_key, npz_reference_key, read_npz_images)
+from d2c.eval.artifacts import (EVAL_FORMAT, FEATURES_FILE, GRIDS_DIR, HOW, METRICS_FILE, SAMPLES_FILE,
+                                 STATS_FROM_FEATURES, STATS_FROM_FILE, bootstrap_reference, cache_root, save_features)
+from d2c.rundir import StageDir, StageSettingsError, non_default, versions
+from d2c.storage import Location, StorageError, is_uri, location, write_json_atomic
 
-#: Format tag of metrics.json.
-EVAL_FORMAT = "d2c-eval-v1"
-METRICS_FILE = "metrics.json"
-SAMPLES_FILE = "samples.npz"
-#: The samples' Inception pool features and labels (``d2c compare`` and bootstrap reruns read them).
-FEATURES_FILE = "features.npz"
-NPZ_GEN_POOL = "pool"
-NPZ_GEN_LABELS = "label"
-GRIDS_DIR = "grids"
-SETTINGS_FILE = "_settings.json"
-#: Environment variable of the cache root, and its default.
-CACHE_ENV = "D2C_CACHE_DIR"
-DEFAULT_CACHE_DIR = Path.home() / ".cache" / "d2c"
-#: Subdirectory of the cache root holding reference features and statistics.
-REFERENCE_CACHE_SUBDIR = "eval-reference"
-#: Version of the reference cache key (bump when what the key covers changes).
-REFERENCE_KEY_VERSION = "d2c-reference-v1"
-#: Hex digits of the key in cache file names.
-CACHE_NAME_CHARS = 32
-#: Arrays stored in a reference cache file beside ADM's mu/sigma/mu_s/sigma_s.
-NPZ_POOL_FEATURES = "pool_features"
-NPZ_SPATIAL_FEATURES = "spatial_features"
-NPZ_REF_LABELS = "labels"
 #: torch-fidelity's Inception weights are a .pth file; anything else is a TorchScript.
 FIDELITY_WEIGHTS_SUFFIX = ".pth"
 #: Reference values of eval.reference that name a split of data.*.
 SPLIT_REFERENCES = ("test", "train")
 #: Sources with a test split.
 SOURCES_WITH_TEST_SPLIT = ("fashion_mnist",)
-#: reference.statistics in metrics.json: the FID's reference statistics come from the cached
-#: features (a split, or an ADM .npz's arr_0) or from the ADM file's own mu/sigma.
-STATS_FROM_FEATURES = "features"
-STATS_FROM_FILE = "file_mu_sigma"
 #: The marker the sqrtm route of the FID raises for an imaginary square root.
 SQRTM_IMAGINARY_MARKER = "imaginary component"
 
-#: How every number in metrics.json is produced (the key is the number's dotted path; a list's
-#: entries share the list's entry).
-HOW: dict[str, str] = {
-    "fid": "Fréchet distance |mu_g - mu_r|^2 + tr(S_g + S_r - 2 sqrt(S_g S_r)) between Gaussian fits of Inception-v3 "
-    "pool_3 features (2048-d, TF 2015-12-05 weights, TF1 bilinear resize to 299 px) of the N samples and of the "
-    "reference; covariances np.cov (N - 1); square root by metric_settings.fid_method_used",
-    "sfid": "the same distance on ADM's spatial features (mixed_6/conv, first 7 channels, 17x17x7 = 2023-d)",
-    "kid_mean": "Kernel Inception Distance: unbiased MMD^2 with the kernel (x.y/2048 + 1)^3 on pool_3 features, mean over "
-    "metric_settings.kid_subsets random subsets of kid_subset_size from each set (numpy RandomState(metric_seed))",
-    "kid_std": "standard deviation of the per-subset MMD^2 values behind kid_mean",
-    "kid_subset_size": "images per KID subset: min(1000, N samples, N reference)",
-    "precision": "improved precision (Kynkäänniemi et al. 2019): share of samples inside the union of k-NN balls "
-    "(k = metric_settings.prc_k) of the reference pool_3 features",
-    "recall": "improved recall: share of reference images inside the union of k-NN balls of the samples' features",
-    "is_mean": "Inception Score (torch-fidelity): exp(E KL(p(y|x) || p(y))) over the 1008 unbiased logits, mean over 10 splits",
-    "is_std": "standard deviation of the Inception Score over its 10 splits",
-    "n_gen": "samples the metrics were computed on",
-    "fid_bootstrap.point": "the FID of all samples against the whole reference (equals fid to round-off)",
-    "fid_bootstrap.std": "standard deviation of the FID over eval.bootstrap_rounds rounds, each resampling with replacement, "
-    "within each class, the samples and (when the FID's statistics come from features) the reference; d2c.eval.bootstrap. "
-    "Conservative for one FID: in benchmarks/bootstrap_calibration.py's simulation (N=300 vs 500, D=2048) it was 2.7x the "
-    "spread over fresh draws; for a paired difference (d2c compare) 1.06x (BENCHMARKS.md)",
-    "fid_bootstrap.low": "lower end of the eval.bootstrap_level interval: the rounds' percentiles, moved so their mean is the point",
-    "fid_bootstrap.high": "upper end of that interval",
-    "fid_bootstrap.shift": "the rounds' mean minus the point (resampling duplicates rows, which raises FID)",
-    "fid_bootstrap.rounds": "eval.bootstrap_rounds (None: 200 where the fast route applies)",
-    "fid_bootstrap.level": "eval.bootstrap_level",
-    "fid_bootstrap.seed": "seed of the rounds' draws (eval.seed)",
-    "fid_bootstrap.resampled": "what each round resampled",
-    "n_ref": "reference images (or the count stored with the reference statistics) behind the reference statistics",
-    "num_samples": "samples drawn (eval.num_samples); sample i has class i mod num_classes",
-    "num_classes": "classes of the model (its label table without the null class)",
-    "samples_per_class": "samples of each class: N // C, plus one for the first N mod C classes",
-    "steps": "eval.steps: respaced DDPM/DDIM steps, Heun steps (ODE) or model evaluations (SDE)",
-    "cfg_scale": "eval.cfg_scale: classifier-free guidance scale (1 = none); null label + zero text for the unconditional half",
-    "guidance_interval": "eval.guidance_interval: [lo, hi] fractions of the trajectory (0 = data, 1 = noise) where CFG applies",
-    "seed": "eval.seed: sample i draws its noise from a generator seeded by sha256(seed, i)",
-    "sampling.steps": "as steps",
-    "sampling.cfg_scale": "as cfg_scale",
-    "sampling.seed": "as seed",
-    "sampling.batch_size": "eval.batch_size: samples per model batch (the last padded to it)",
-    "sampling.model_evaluations_per_sample": "network calls per sample (ODE Heun: 2 steps - 1; others: steps); "
-    "CFG doubles the rows of calls inside the guidance interval",
-    "sampling.guidance_interval_model_units": "the guidance interval in the model's time units "
-    "(DiT: original timestep index = fraction x (T - 1); SiT: t)",
-    "sampling.timesteps_used": "original DDPM timestep indices the respaced schedule visits (ADM respacing str(steps))",
-    "sampling.ddim_eta": "DDIM eta (0 = deterministic DDIM)",
-    "sampling.sde_last_step_size": "size of SiT's final noise-free Euler step (t = 0.04 -> 0)",
-    "checkpoint.step": "training step of the evaluated checkpoint (its model.json)",
-    "reference.size": "reference images used (eval.reference_size for a dataset split; arr_0's count for an ADM .npz)",
-    "reference.per_class": "reference images of each class (the first ones in source order)",
-    "reference.rejected": "reference images that failed to decode and were left out",
-    "metric_settings.kid_subsets": "number of KID subsets (torch-fidelity's default)",
-    "metric_settings.prc_k": "k of the k-NN balls of precision/recall",
-    "metric_settings.metric_seed": "seed of the KID subset draws (torch-fidelity's default)",
-    "timing.reference_s": "wall seconds to get the reference statistics (near 0 on a cache hit)",
-    "timing.sampling_and_features_s": "wall seconds of the Ray pipeline: sampling actors -> Inception actors -> driver",
-    "timing.samples_per_s": "num_samples / timing.sampling_and_features_s",
-    "timing.metrics_s": "wall seconds to compute the metrics from the features",
-    "timing.bootstrap_s": "wall seconds of the fid_bootstrap rounds",
-    "timing.total_s": "wall seconds of the whole evaluate run",
-}
-
-
-def cache_root() -> Path:
-    """``$D2C_CACHE_DIR`` or ``~/.cache/d2c``."""
-    return Path(os.environ.get(CACHE_ENV, DEFAULT_CACHE_DIR))
 
 
 def eval_dir_of(cfg: D2CConfig) -> Location:
@@ -398,21 +306,6 @@ def _collect(ds, columns: tuple[str, ...], stage: str, total: int) -> dict[str, 
 # ------------------------------------------------------------------------------------
 
 
-def _row_digest(row: dict[str, Any]) -> str:
-    """Content digest of one listing row's pixels (decoded array, encoded bytes, or file stat)."""
-    h = hashlib.sha256()
-    if row.get("image") is not None:
-        arr = np.ascontiguousarray(row["image"])
-        h.update(f"{arr.dtype.str}{arr.shape}".encode())
-        h.update(arr.tobytes())
-    elif row.get("image_bytes") is not None:
-        h.update(bytes(row["image_bytes"]))
-    elif row.get("path") is not None:
-        st = os.stat(row["path"])
-        h.update(f"{os.path.realpath(row['path'])}\x1f{st.st_size}\x1f{st.st_mtime_ns}".encode())
-    return h.hexdigest()
-
-
 def balanced_reference_rows(cfg: D2CConfig, num_classes: int) -> tuple[list[dict[str, Any]], DataConfig, list[int]]:
     """``eval.reference_size`` class-balanced images of the reference split: the first ones of each class.
 
@@ -445,59 +338,6 @@ def balanced_reference_rows(cfg: D2CConfig, num_classes: int) -> tuple[list[dict
             f"than their {max(quota)} reference images; lower eval.reference_size"
         )
     return rows, data_cfg, taken
-
-
-def dataset_reference_key(rows: list[dict[str, Any]], data_cfg: DataConfig, extractor_id: str) -> str:
-    """sha256 of the reference content: every row's id, label and pixel digest, the preprocessing, the Inception id."""
-    h = hashlib.sha256()
-    prep = {k: getattr(data_cfg, k) for k in ("image_size", "channels", "preprocess")}
-    h.update(f"{REFERENCE_KEY_VERSION}\x1e{extractor_id}\x1e{json.dumps(prep, sort_keys=True)}\x1e".encode())
-    for row in rows:
-        h.update(f"{row['image_id']}\x1f{row['label']}\x1f{_row_digest(row)}\x1e".encode())
-    return h.hexdigest()
-
-
-def npz_reference_key(path: str, extractor_id: str) -> str:
-    from d2c.eval.inception import file_digest
-
-    return hashlib.sha256(f"{REFERENCE_KEY_VERSION}\x1e{extractor_id}\x1e{file_digest(path)}".encode()).hexdigest()
-
-
-def _cache_file(key: str) -> Path:
-    from d2c.eval.fid import CACHE_PREFIX
-
-    return cache_root() / REFERENCE_CACHE_SUBDIR / f"{CACHE_PREFIX}{key[:CACHE_NAME_CHARS]}.npz"
-
-
-def _load_cached(path: Path, key: str) -> Optional[dict[str, np.ndarray]]:
-    from d2c.eval.fid import NPZ_KEY
-
-    if not path.is_file():
-        return None
-    with np.load(path, allow_pickle=False) as z:
-        if NPZ_KEY not in z.files or str(z[NPZ_KEY]) != key or NPZ_POOL_FEATURES not in z.files:
-            return None
-        return {name: z[name] for name in z.files}
-
-
-def _save_cached(path: Path, key: str, extractor_id: str, pool: np.ndarray, spatial: np.ndarray, labels: np.ndarray) -> None:
-    from d2c.eval.fid import NPZ_EXTRACTOR_ID, NPZ_KEY, FeatureStats, save_stats_npz
-
-    save_stats_npz(
-        str(path), FeatureStats.from_features(pool), FeatureStats.from_features(spatial),
-        **{NPZ_KEY: np.str_(key), NPZ_EXTRACTOR_ID: np.str_(extractor_id), NPZ_POOL_FEATURES: pool.astype(np.float32),
-           NPZ_SPATIAL_FEATURES: spatial.astype(np.float32), NPZ_REF_LABELS: labels.astype(np.int64)},
-    )
-
-
-def _cached_stats(cached: dict[str, np.ndarray]):
-    """(pool, spatial) :class:`FeatureStats` stored in a reference cache file (ADM's mu/sigma, mu_s/sigma_s)."""
-    from d2c.eval.fid import NPZ_MU, NPZ_MU_SPATIAL, NPZ_N, NPZ_N_SPATIAL, NPZ_SIGMA, NPZ_SIGMA_SPATIAL, FeatureStats
-
-    def stats(mu: str, sigma: str, n: str) -> FeatureStats:
-        return FeatureStats(np.asarray(cached[mu], np.float64), np.asarray(cached[sigma], np.float64), int(cached[n]))
-
-    return stats(NPZ_MU, NPZ_SIGMA, NPZ_N), stats(NPZ_MU_SPATIAL, NPZ_SIGMA_SPATIAL, NPZ_N_SPATIAL)
 
 
 def featurise_dataset(cfg: D2CConfig, rows: list[dict[str, Any]], data_cfg: DataConfig) -> dict[str, np.ndarray]:
@@ -546,26 +386,22 @@ def reference_statistics(cfg: D2CConfig, num_classes: int, extractor_id: str) ->
     ref = cfg.eval.reference
     if ref in SPLIT_REFERENCES:
         rows, data_cfg, per_class = balanced_reference_rows(cfg, num_classes)
-        key = dataset_reference_key(rows, data_cfg, extractor_id)
+        key = dataset_reference_key(rows, {k: getattr(data_cfg, k) for k in ("image_size", "channels", "preprocess")},
+                                    extractor_id)
         info: dict[str, Any] = dict(kind="dataset_split", source=data_cfg.source, path=data_cfg.path, split=ref,
                                     size=len(rows), per_class=per_class,
                                     selection="the first images of each class in source order, class-balanced",
                                     preprocess=f"{data_cfg.preprocess} to {data_cfg.image_size} px, {data_cfg.channels} channel(s)",
                                     fid_statistics_from="features", statistics=STATS_FROM_FEATURES)
-        path = _cache_file(key)
-        cached = _load_cached(path, key)
-        info.update(cache_file=str(path), key=key, cached_before=cached is not None)
-        if cached is None:
-            timer = StageTimer("reference features")
+
+        def compute():
             out = featurise_dataset(cfg, rows, data_cfg)
             ok = np.asarray([r == "" for r in out["reject"]])
-            _save_cached(path, key, extractor_id, out["pool"][ok], out["spatial"][ok], out["label"][ok])
-            timer.done(len(rows), f"cached in {path}")
-            cached = _load_cached(path, key)
-        else:
-            print(f"[d2c] evaluate: reference statistics cached in {path} — reused", flush=True)
+            return out["pool"][ok], out["spatial"][ok], out["label"][ok]
+
+        cached = _reference_features(info, key, extractor_id, compute, len(rows))
         info["rejected"] = int(len(rows) - len(cached[NPZ_POOL_FEATURES]))
-        pool_stats, spatial_stats = _cached_stats(cached)
+        pool_stats, spatial_stats = cached_stats(cached)
         return dict(feats=cached[NPZ_POOL_FEATURES], stats=pool_stats, spatial=spatial_stats,
                     spatial_feats=cached.get(NPZ_SPATIAL_FEATURES), info=info)
 
@@ -580,26 +416,19 @@ def reference_statistics(cfg: D2CConfig, num_classes: int, extractor_id: str) ->
         info["fid_statistics_from"] = "the file's mu/sigma (and mu_s/sigma_s for sFID), as ADM's evaluator"
         info["statistics"] = STATS_FROM_FILE
     if NPZ_IMAGES in files:
-        key = npz_reference_key(ref, extractor_id)
-        path = _cache_file(key)
-        cached = _load_cached(path, key)
-        info["cached_before"] = cached is not None
-        if cached is None:
-            with np.load(ref, allow_pickle=False) as z:
-                images = z[NPZ_IMAGES]
-            if images.dtype != np.uint8 or images.ndim != 4:
-                raise ConfigError(f"eval.reference: {ref!r}'s {NPZ_IMAGES} must be uint8 N x H x W x 3, got {images.dtype} {images.shape}")
-            timer = StageTimer("reference features")
+        def compute():
+            try:
+                images = read_npz_images(ref)
+            except ValueError as err:
+                raise ConfigError(f"eval.reference: {err}") from None
             out = featurise_images(cfg, images)
-            _save_cached(path, key, extractor_id, out["pool"], out["spatial"], np.full(len(images), NO_LABEL))
-            timer.done(len(images), f"cached in {path}")
-            cached = _load_cached(path, key)
-        else:
-            print(f"[d2c] evaluate: reference features cached in {path} — reused", flush=True)
+            return out["pool"], out["spatial"], np.full(len(images), NO_LABEL)
+
+        cached = _reference_features(info, npz_reference_key(ref, extractor_id), extractor_id, compute, None)
         feats, spatial_feats = cached[NPZ_POOL_FEATURES], cached.get(NPZ_SPATIAL_FEATURES)
-        info.update(cache_file=str(path), key=key, size=int(len(feats)))
+        info["size"] = int(len(feats))
         if stats is None:
-            stats, spatial = _cached_stats(cached)
+            stats, spatial = cached_stats(cached)
             info["fid_statistics_from"] = "features of the file's arr_0 images"
             info["statistics"] = STATS_FROM_FEATURES
     if stats is None:
@@ -607,37 +436,18 @@ def reference_statistics(cfg: D2CConfig, num_classes: int, extractor_id: str) ->
     return dict(feats=feats, stats=stats, spatial=spatial, spatial_feats=spatial_feats, info=info)
 
 
-def bootstrap_reference(info: dict[str, Any]):
-    """The :class:`~d2c.eval.bootstrap.BootstrapReference` of an evaluation's ``metrics.json["reference"]``.
-
-    Features (resampled per round, with their class labels as strata) when the FID's statistics
-    came from them; the ADM file's fixed mu/sigma otherwise.
-
-    Raises:
-        ConfigError: the reference's cache file or ADM file is gone or no longer matches.
-    """
-    from d2c.eval.bootstrap import NO_LABEL, BootstrapReference
-    from d2c.eval.fid import load_reference_npz
-
-    statistics = info.get("statistics")
-    if statistics == STATS_FROM_FILE:
-        path = info.get("path")
-        if not path or not Path(path).is_file():
-            raise ConfigError(f"the reference file {path!r} this evaluation used is not there any more; restore it")
-        return BootstrapReference(stats=load_reference_npz(path).pool)
-    if statistics != STATS_FROM_FEATURES:
-        raise ConfigError("this metrics.json predates reference.statistics (d2c before the bootstrap); "
-                          "delete the EVAL directory and run d2c evaluate again")
-    path, key = Path(info.get("cache_file") or ""), info.get("key")
-    cached = _load_cached(path, key) if key else None
-    if cached is None:
-        raise ConfigError(f"the reference features this evaluation used ({path}) are not in the cache (another "
-                          f"machine, or {CACHE_ENV} points elsewhere); rerun d2c evaluate with the same config here "
-                          "to rebuild them (its samples are reused only if you move the EVAL directory away)")
-    labels = cached.get(NPZ_REF_LABELS)
-    if labels is not None and (labels == NO_LABEL).all():
-        labels = None
-    return BootstrapReference.from_features(cached[NPZ_POOL_FEATURES], labels)
+def _reference_features(info: dict[str, Any], key: str, extractor_id: str, compute, rows: Optional[int]) -> dict[str, np.ndarray]:
+    """:func:`d2c.eval.reference.cached_features` under the cache root, with a progress line and
+    ``info``'s cache_file / key / cached_before."""
+    path = cache_file(cache_root(), key)
+    timer = StageTimer("reference features")
+    cached, before = cached_features(path, key, extractor_id, compute)
+    info.update(cache_file=str(path), key=key, cached_before=before)
+    if before:
+        print(f"[d2c] evaluate: reference statistics cached in {path} — reused", flush=True)
+    else:
+        timer.done(rows if rows is not None else len(cached[NPZ_POOL_FEATURES]), f"cached in {path}")
+    return cached
 
 
 def fid_bootstrap(cfg: D2CConfig, samples: dict[str, np.ndarray], info: dict[str, Any]) -> tuple[Optional[dict], Optional[str]]:
@@ -659,32 +469,6 @@ def fid_bootstrap(cfg: D2CConfig, samples: dict[str, np.ndarray], info: dict[str
         rounds = DEFAULT_BOOTSTRAP_ROUNDS
     iv = fid_interval(samples["pool"], ref, samples["label"], rounds=rounds, level=cfg.eval.bootstrap_level, seed=cfg.eval.seed)
     return iv.to_dict(), None
-
-
-def save_features(path: Location, pool: np.ndarray, labels: np.ndarray) -> None:
-    """Write ``EVAL/features.npz``: ``pool`` float32 ``[N, 2048]`` and ``label`` int64 ``[N]`` (atomically)."""
-    from d2c.eval.fid import atomic_savez
-
-    if pool.ndim != 2 or labels.shape != (len(pool),):
-        raise ValueError(f"pool must be [N, D] and labels [N]; got {pool.shape} and {labels.shape}")
-    with path.local_output() as staged:
-        atomic_savez(str(staged), {NPZ_GEN_POOL: pool.astype(np.float32), NPZ_GEN_LABELS: labels.astype(np.int64)})
-
-
-def load_features(eval_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """``(pool float32 [N, D], labels int64 [N])`` from ``EVAL/features.npz``.
-
-    Raises:
-        ConfigError: the file is missing (an evaluation made before it existed) or malformed.
-    """
-    path = Path(eval_dir) / FEATURES_FILE
-    if not path.is_file():
-        raise ConfigError(f"{eval_dir} has no {FEATURES_FILE} (evaluated by a d2c before it was written); delete "
-                          f"{eval_dir} and run d2c evaluate again")
-    with np.load(path, allow_pickle=False) as z:
-        if NPZ_GEN_POOL not in z.files or NPZ_GEN_LABELS not in z.files:
-            raise ConfigError(f"{path} lacks {NPZ_GEN_POOL!r}/{NPZ_GEN_LABELS!r} (found {z.files})")
-        return z[NPZ_GEN_POOL], z[NPZ_GEN_LABELS]
 
 
 # ------------------------------------------------------------------------------------
@@ -796,15 +580,6 @@ def _class_names(meta: dict[str, Any], text_path: Optional[Location]) -> Optiona
     return None
 
 
-def _versions() -> dict[str, str]:
-    import ray
-    import torch
-    import torch_fidelity
-
-    return {"python": sys.version.split()[0], "torch": torch.__version__, "ray": ray.__version__,
-            "torch_fidelity": torch_fidelity.__version__, "numpy": np.__version__}
-
-
 def run_evaluate(cfg: D2CConfig) -> int:
     """``d2c evaluate``: validate, reuse or compute, write EVAL/; returns a process exit code."""
     from d2c.eval.fid import save_samples_npz
@@ -823,12 +598,12 @@ def run_evaluate(cfg: D2CConfig) -> int:
     num_classes = int(meta["dit_kwargs"]["num_classes"])
     out_dir = eval_dir_of(cfg)
     settings = eval_settings(cfg, ckpt, meta, text_path, _reference_id(cfg), ext_id)
+    stage = StageDir(out_dir, settings, "EVAL", "Use another eval_dir, or delete that directory to evaluate again.")
     try:
-        same = check_settings(out_dir / SETTINGS_FILE, settings, "EVAL",
-                              "Use another eval_dir, or delete that directory to evaluate again.")
+        reuse = stage.reusable()
     except StageSettingsError as err:
         raise ConfigError(f"eval_dir: {err}") from None
-    if same and (out_dir / METRICS_FILE).is_file() and (out_dir / SAMPLES_FILE).is_file():
+    if reuse and (out_dir / METRICS_FILE).is_file() and (out_dir / SAMPLES_FILE).is_file():
         prev = json.loads((out_dir / METRICS_FILE).read_text())
         print(f"[d2c] evaluate: {out_dir} is complete for the same settings — reused, nothing to do "
               f"(FID {prev.get('fid'):.3f} on {prev.get('num_samples')} samples)", flush=True)
@@ -906,10 +681,10 @@ def run_evaluate(cfg: D2CConfig) -> int:
                    "total_s": round(total, 3)},
         "how": HOW,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(),
+        "versions": versions(),
     }
     write_json_atomic(out_dir / METRICS_FILE, metrics)
-    write_json_atomic(out_dir / SETTINGS_FILE, settings)
+    stage.commit()
     shown = ", ".join(f"{k} {values[k]:.4g}" for k in ("fid", "sfid", "kid_mean", "precision", "recall", "is_mean") if k in values)
     print(f"[d2c] evaluate: {shown} ({e.num_samples} samples vs {ref['info'].get('size', '?')} reference) -> {out_dir / METRICS_FILE}",
           flush=True)

@@ -8,10 +8,8 @@ with an empty image and a ``reject`` reason instead.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import numpy as np
@@ -20,19 +18,9 @@ import pyarrow as pa
 from d2c.config import DataConfig
 from d2c.data.preprocess import prepare_record
 from d2c.data.records import Reject
-from d2c.storage import Location, location
 
 #: Rows per Ray block of the listing (small blocks keep every actor busy).
 LISTING_BLOCK_ROWS = 1024
-
-
-class StageSettingsError(ValueError):
-    """An existing stage output was made with other settings than the ones asked for."""
-
-
-# ------------------------------------------------------------------------------------
-# Listing → Arrow
-# ------------------------------------------------------------------------------------
 
 
 def listing_table(rows: list[dict[str, Any]], shard_rows: int, positions: Optional[Iterable[int]] = None) -> pa.Table:
@@ -173,45 +161,8 @@ def add_image_key(batch: pa.Table) -> pa.Table:
 
 
 # ------------------------------------------------------------------------------------
-# Stage settings, atomic writes, timing
+# Progress and timing
 # ------------------------------------------------------------------------------------
-
-
-def check_settings(path: "Path | Location", settings: dict, what: str, fix: str) -> bool:
-    """Compare ``settings`` with the ones saved at ``path`` (a local path or a storage location).
-
-    Returns:
-        True if the file exists and matches, False if it does not exist.
-    Raises:
-        StageSettingsError: it exists and differs (the message lists the differences and ``fix``).
-    """
-    if not path.is_file():
-        return False
-    saved = json.loads(path.read_text())
-    if saved == settings:
-        return True
-    keys = sorted(set(saved) | set(settings))
-    diffs = [f"{k}: {saved.get(k)!r} -> {settings.get(k)!r}" for k in keys if saved.get(k) != settings.get(k)]
-    raise StageSettingsError(f"{what} in {str(path.parent)!r} was made with other settings ({'; '.join(diffs)}). {fix}")
-
-
-def non_default(section: Any, *keys: str) -> dict[str, Any]:
-    """The ``keys`` of a config section whose values differ from the schema's defaults. Settings
-    added to a stage later go in through this, so that directories written before a key existed
-    (at its default) still match their saved settings."""
-    fields = type(section).model_fields
-    return {k: getattr(section, k) for k in keys if getattr(section, k) != fields[k].default}
-
-
-def write_json_atomic(path: "Path | Location", obj: Any) -> None:
-    """Write JSON to a path or storage location atomically (locally: a temp file and a rename)."""
-    location(path).write_json(obj)
-
-
-def write_parquet_atomic(table: pa.Table, path: "Path | Location") -> None:
-    """Write a parquet file to a path or storage location, complete or not at all (locally: a temp
-    file and a rename; on an object store: one object, visible once its upload completed)."""
-    location(path).write_parquet(table)
 
 
 #: Seconds between two plain progress lines of a stage.

@@ -31,19 +31,17 @@ from app.condense import (
     RunDir,
     attach_stage,
     feature_settings,
-    load_features,
     prepare_features,
     resolve_scorer,
     reused_scores,
     score_stage,
+    select_stage,
 )
 from app.ray_session import check_shared_storage, init_ray, quiet_data_context
-from app.stages import write_json_atomic
 from d2c.config import ConfigError, D2CConfig, apply_overrides, build_config, check_paths
 from d2c.data.source import Listing, list_source
-from d2c.select.baselines import make_chooser
-from d2c.select.interval import select_table
-from d2c.storage import Location, location
+from d2c.rundir import StageDir
+from d2c.storage import Location, location, write_json_atomic
 
 RESULTS_CSV = "results.csv"
 RESULTS_PARQUET = "results.parquet"
@@ -95,7 +93,7 @@ def _cache_parts(cache: Location) -> list[Location]:
     files = []
     for part in cache.glob("part-*"):
         condensed = RunDir(part).condensed
-        if (condensed / "_SUCCESS").is_file():
+        if StageDir(condensed, {}, "condensed").complete:
             files.extend(condensed.files(".parquet"))
     return files
 
@@ -120,7 +118,8 @@ def cached_attach(cfg: D2CConfig, listing: Listing, sel: pd.DataFrame, cache: Lo
         part.root.mkdir(parents=True)
         # the cache always holds every feature the attach config can give (trials may differ in
         # model.use_visual); text embeddings are per class and live beside the sweep instead
-        enc = build_config(apply_overrides(cfg.to_dict(), ["attach.text.encoder=none", "model.use_visual=true"]))
+        attach = cfg.attach.model_copy(update={"text": cfg.attach.text.model_copy(update={"encoder": "none"})})
+        enc = build_config(cfg.model_copy(update={"attach": attach, "model": cfg.model.model_copy(update={"use_visual": True})}).to_dict())
         attach_stage(enc, listing, missing, part)
         parts = _cache_parts(cache)
     wanted = set(sel["image_id"])
@@ -146,6 +145,7 @@ def cached_attach(cfg: D2CConfig, listing: Listing, sel: pd.DataFrame, cache: Lo
 
 def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     """Tune function trainable: one point of the search space, reporting FID periodically."""
+    import ray
     from ray import tune
 
     from app.evaluate import run_evaluate
@@ -160,14 +160,10 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     condensed = condense / "condensed"
     listing = list_source(cfg.data)
     if not (condensed / "part-00000.parquet").is_file():
-        scores = location(ctx["scores_dir"]).read_pandas(columns=["image_id", "label", "score"])
         features_dir = ctx.get("features_dir") if cfg.select.needs_features else None
-        features = None if features_dir is None else load_features(location(features_dir))
-        chooser = make_chooser(cfg.select.method, cfg.select.seed, features)
-        sel, reports = select_table(scores, cfg.select.budget, cfg.select.method, cfg.select.k, cfg.select.shortfall,
-                                    listing.num_classes, chooser)
-        condense.mkdir(parents=True, exist_ok=True)
-        (condense / "selection.parquet").write_parquet(sel)
+        select = ray.remote(num_cpus=0, scheduling_strategy="DEFAULT")(_select_outside_trial)
+        sel, reports = ray.get(select.remote(cfg, location(ctx["scores_dir"]), condense / "selection", listing.num_classes,
+                                             None if features_dir is None else location(features_dir)))
         write_json_atomic(condense / "manifest.json", {"class_names": listing.class_names, "params": params,
                                                        "per_class": [r.to_dict() for r in reports],
                                                        "features_dir": features_dir})
@@ -179,11 +175,11 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     every = cfg.sweep.eval_every or total
     ends = sorted(set(list(range(every, total, every)) + [total]))
     for end in ends:
-        step_cfg = build_config(apply_overrides(cfg.to_dict(), [
-            f"condensed={condensed}", f"train_dir={tdir / 'train'}", f"train.steps={end}",
-            f"checkpoint={tdir / 'train' / 'checkpoints'}", f"eval_dir={tdir / f'eval-{end:07d}'}",
-            f"eval.num_samples={cfg.sweep.fid_samples}",
-        ]))
+        step_cfg = build_config(cfg.model_copy(update={
+            "condensed": str(condensed), "train_dir": str(tdir / "train"), "checkpoint": str(tdir / "train" / "checkpoints"),
+            "eval_dir": str(tdir / f"eval-{end:07d}"), "train": cfg.train.model_copy(update={"steps": end}),
+            "eval": cfg.eval.model_copy(update={"num_samples": cfg.sweep.fid_samples}),
+        }).to_dict())
         fit(step_cfg, tdir / "train", full=False)
         run_evaluate(step_cfg)
         m = (tdir / f"eval-{end:07d}" / "metrics.json").read_json()
@@ -243,6 +239,15 @@ def prepare_sweep_features(cfg: D2CConfig, feature_cfg: Optional[D2CConfig], lis
     return features_dir.absolute()
 
 
+def _select_outside_trial(cfg: D2CConfig, scores_dir: Location, out_dir: Location, num_classes: int,
+                          features_dir: Optional[Location]):
+    """:func:`select_stage` as a task of its own (with ``scheduling_strategy="DEFAULT"``): inside a
+    trial, the groupby's shuffle tasks would be captured by the trial's placement group, whose one
+    small bundle cannot hold them."""
+    quiet_data_context(cfg=cfg)
+    return select_stage(cfg, scores_dir, out_dir, num_classes, features_dir)
+
+
 def trial_entry(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     """Tune's trainable (wrapped by ``tune.with_parameters``): ``config`` is ``{"params": {key: value}}``."""
     run_trial(config["params"], ctx)
@@ -298,7 +303,7 @@ def results_table(grid, sweep_dir: Location, keys: list[str], base: dict[str, An
 
 def write_fid_plot(final: pd.DataFrame, sweep_dir: Location) -> Location:
     """``sweep_dir/FID_PLOT`` (written atomically): FID against k, one curve per budget, from each trial's last report."""
-    from app.report_plots import plot_sweep, to_png
+    from d2c.report.plots import plot_sweep, to_png
 
     path = sweep_dir / FID_PLOT
     path.write_bytes(to_png(plot_sweep(final)))

@@ -33,6 +33,7 @@ from app.metrics import record
 from app.ray_session import check_shared_storage, init_ray, quiet_data_context, quiet_train_worker, train_logging_config
 from app.stages import ActorStep, ProgressLine, actor_device, actor_pipeline, add_image_key, image_keys, listing_table
 from d2c.config import ConfigError, D2CConfig, build_config, check_paths
+from d2c.rundir import SUCCESS_FILE, StageDir
 from d2c.storage import JsonlLog, Location, append_line, location
 
 #: Start/restore events of the workers (one JSON line each), beside metrics.jsonl.
@@ -43,9 +44,6 @@ RAY_CHECKPOINTS_KEPT = 2
 SHUFFLE_BATCHES = 4
 #: On an object store, metrics.jsonl is rewritten at least this often (seconds) besides every checkpoint.
 METRICS_FLUSH_S = 30.0
-#: Files of a condense attach output (app.condense): settings, and the completion marker written last.
-CONDENSED_SETTINGS_FILE = "_settings.json"
-CONDENSED_SUCCESS_FILE = "_SUCCESS"
 
 
 def train_dir_of(cfg: D2CConfig) -> Location:
@@ -75,8 +73,9 @@ def condensed_inputs(cfg: D2CConfig) -> dict[str, Any]:
     if not cfg.condensed:
         raise ConfigError("condensed is required: pass condensed=RUN/condensed (or data.full=true to train on the raw data)")
     path = location(cfg.condensed)
-    if (path / CONDENSED_SETTINGS_FILE).is_file() and not (path / CONDENSED_SUCCESS_FILE).is_file():
-        raise ConfigError(f"condensed: {cfg.condensed!r} is incomplete (no {CONDENSED_SUCCESS_FILE}: `d2c condense` was "
+    stage = StageDir(path, {}, "condensed")
+    if stage.saved_settings() is not None and not stage.complete:
+        raise ConfigError(f"condensed: {cfg.condensed!r} is incomplete (no {SUCCESS_FILE}: `d2c condense` was "
                           "interrupted while writing it); rerun `d2c condense` to finish it")
     try:
         shapes = condensed_shapes(path)
@@ -141,53 +140,14 @@ def full_inputs(cfg: D2CConfig, holdout: int = 0) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------
 
 
-def _to_batch(raw: dict, shapes: dict, text, use_visual: bool, hflip: bool, generator) -> dict:
-    """Ray's flat CPU tensors → the Trainer's batch on ``generator``'s device (the trainer's):
-    reshape, gather the class text, copy (from pinned memory on a GPU, without waiting), then pick
-    the flipped copies there with a draw from ``generator`` (a CUDA generator cannot draw CPU
-    tensors). Stored float16 visual features cross as float16 and become float32 on the device.
-    """
-    import torch
-
-    device = generator.device
-    n = raw["label"].shape[0]
-    label = raw["label"].long()
-    host = {"label": label, "latent": raw["latent"].view(n, *shapes["latent"])}
-    use_visual = use_visual and "visual" in raw
-    if use_visual:
-        host["visual"] = raw["visual"].view(n, *shapes["visual"])
-    hflip = hflip and "latent_flip" in raw
-    if hflip:
-        host["latent_flip"] = raw["latent_flip"].view(n, *shapes["latent"])
-        if use_visual:
-            host["visual_flip"] = raw["visual_flip"].view(n, *shapes["visual"])
-    if text is not None:
-        emb, mask = text
-        host["text_emb"], host["text_mask"] = emb[label], mask[label]
-    cuda = device.type == "cuda"
-    dev = {k: (v.pin_memory().to(device, non_blocking=True) if cuda else v) for k, v in host.items()}
-    batch = {"label": dev["label"], "latent": dev["latent"].float()}
-    if use_visual:
-        batch["visual"] = dev["visual"].float()
-    if hflip:
-        flip = torch.rand(n, generator=generator, device=device) < 0.5
-        batch["latent"] = torch.where(flip.view(n, 1, 1, 1), dev["latent_flip"].float(), batch["latent"])
-        if use_visual:
-            batch["visual"] = torch.where(flip.view(n, 1, 1), dev["visual_flip"].float(), batch["visual"])
-    if text is not None:
-        batch["text_emb"], batch["text_mask"] = dev["text_emb"], dev["text_mask"]
-    return batch
-
-
 class ShardBatches:
-    """One worker's batches, epoch by epoch.
+    """One worker's batches, epoch by epoch, from its Ray Data shard.
 
-    Streaming (``train.cache_in_memory=false``): each epoch re-reads the shard through Ray
-    Data with a local shuffle. Cached (the default): the shard is read once, put in a
-    canonical order (by the image key), and each epoch is a permutation drawn from a
-    generator seeded by (train.seed, epoch, rank) — so an epoch's batches depend on the data
-    and those three numbers only, and a resume at (epoch, index) replays the same stream.
-    Re-creating a Ray Data iterator per epoch costs seconds, which dominates on small sets.
+    Cached (the default): the shard is read once into a :class:`~d2c.train.loop.RowBatches`,
+    whose epochs depend on the data and (train.seed, epoch, rank) only, so a resume at
+    (epoch, index) replays the same stream; re-creating a Ray Data iterator per epoch costs
+    seconds, which dominates on small sets. Streaming (``train.cache_in_memory=false``): each
+    epoch re-reads the shard with a local shuffle seeded the same way.
     """
 
     #: Rows per read when filling the cache.
@@ -197,48 +157,35 @@ class ShardBatches:
         self.shard, self.per_worker, self.seed, self.rank, self.cache = shard, per_worker, seed, rank, cache
         self.rows = None
 
-    def _fill(self) -> None:
-        import torch
-
-        parts = list(self.shard.iter_torch_batches(batch_size=self.READ_BATCH))
-        if not parts:
-            raise RuntimeError("this worker's data shard is empty: use fewer train.num_workers than condensed rows")
-        rows = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        order = torch.argsort(rows["key"], stable=True)
-        self.rows = {k: v[order] for k, v in rows.items()}
-
     def epoch(self, epoch: int):
-        """Iterate one epoch's batches (dicts of tensors, ``per_worker`` rows each; last partial dropped)."""
-        import torch
+        """Iterate one epoch's raw batches (``per_worker`` rows each; the last partial one dropped)."""
+        from d2c.train.loop import RowBatches, epoch_seed
 
         if not self.cache:
             yield from self.shard.iter_torch_batches(
                 batch_size=self.per_worker, drop_last=True,
                 local_shuffle_buffer_size=self.per_worker * SHUFFLE_BATCHES,
-                local_shuffle_seed=int(np.random.SeedSequence([self.seed, epoch, self.rank]).generate_state(1)[0]),
+                local_shuffle_seed=epoch_seed(self.seed, epoch, self.rank),
             )
             return
         if self.rows is None:
-            self._fill()
-        n = len(self.rows["key"])
-        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, epoch, self.rank]).generate_state(1)[0]))
-        if n < self.per_worker:
-            raise RuntimeError(f"this worker's shard has {n} rows, fewer than one batch of {self.per_worker}: "
-                               "lower train.batch_size")
-        perm = torch.randperm(n, generator=gen)
-        for i in range(n // self.per_worker):
-            idx = perm[i * self.per_worker : (i + 1) * self.per_worker]
-            yield {k: v[idx] for k, v in self.rows.items()}
+            parts = self.shard.iter_torch_batches(batch_size=self.READ_BATCH)
+            self.rows = RowBatches.from_parts(parts, self.per_worker, self.seed, self.rank)
+        yield from self.rows.epoch(epoch)
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train worker body (every rank runs it; rank 0 writes checkpoints and metrics)."""
+    """Ray Train worker body (every rank runs it; rank 0 writes checkpoints and metrics): the
+    model, the :class:`Trainer`, the shard and the reporting around :func:`d2c.train.loop.train_loop`."""
+    import functools
+
     import ray.train
     import torch
     from ray.train import Checkpoint
 
     from d2c.models.build import build_model
-    from d2c.train.checkpoint import checkpoint_meta, latest_checkpoint_at, load_checkpoint, prune_checkpoints_at, save_checkpoint_at
+    from d2c.train.checkpoint import checkpoint_meta, load_checkpoint
+    from d2c.train.loop import assemble_batch, restore_latest, save_state, train_loop
     from d2c.train.objective import D2CObjective
     from d2c.train.trainer import Trainer
 
@@ -259,74 +206,49 @@ def train_loop_per_worker(config: dict) -> None:
     train_dir = location(config["train_dir"])
     ckpt_dir = train_dir / "checkpoints"
     meta = checkpoint_meta(cfg.model.arch, kwargs, objective.describe(), cfg.to_dict())
-    position = {"epoch": 0, "index": 0}
     restored = ray.train.get_checkpoint()
-    source = None
     if restored is not None:
         with restored.as_directory() as d:
-            position = trainer.restore(load_checkpoint(d, map_location=device)) or position
-            source = "Ray Train checkpoint (worker restart)"
-    elif (path := latest_checkpoint_at(ckpt_dir)) is not None:
-        with path.local_copy() as local_ckpt:
-            position = trainer.restore(load_checkpoint(local_ckpt, map_location=device)) or position
-        source = str(path)
+            position = trainer.restore(load_checkpoint(d, map_location=device)) or {"epoch": 0, "index": 0}
+        source = "Ray Train checkpoint (worker restart)"
+    else:
+        position, found = restore_latest(trainer, ckpt_dir)
+        source = None if found is None else str(found)
     if rank == 0:
         event = {"event": "restore" if source else "start", "step": trainer.step, "source": source, "workers": world,
                  "torch_threads": torch.get_num_threads(), "time": time.time()}
         append_line(train_dir / EVENTS_FILE, event)
         print(f"[d2c] train: {'restored' if source else 'started'} at step {trainer.step}{' from ' + source if source else ''} "
               f"on {world} worker(s), {event['torch_threads']} torch threads each", flush=True)
-    shard = ray.train.get_dataset_shard("train")
     per_worker = max(1, cfg.train.batch_size // world)
-    shapes, text = config["shapes"], config["text"]
     use_visual = cfg.model.use_visual and not config["full"] and objective.proj_coeff > 0
     log = JsonlLog(train_dir / "metrics.jsonl", flush_every_s=METRICS_FLUSH_S)
     if rank == 0 and source is not None and (dropped := log.keep_through(trainer.step)):
         print(f"[d2c] train: dropped {dropped} metrics rows logged after step {trainer.step}, the checkpoint resumed from", flush=True)
-    epoch, skip = int(position.get("epoch", 0)), int(position.get("index", 0))
-    t_last, imgs = time.perf_counter(), 0
-    batches = ShardBatches(shard, per_worker, cfg.train.seed, rank, cfg.train.cache_in_memory)
+    batches = ShardBatches(ray.train.get_dataset_shard("train"), per_worker, cfg.train.seed, rank, cfg.train.cache_in_memory)
+    assemble = functools.partial(assemble_batch, shapes=config["shapes"], text=config["text"], use_visual=use_visual,
+                                 hflip=cfg.train.hflip and not config["full"], generator=trainer.generator)
     progress = ProgressLine("train", cfg.train.steps, unit="steps", start=trainer.step, enabled=rank == 0)
-    while trainer.step < cfg.train.steps:
-        index = 0  # batches of this epoch seen so far, the skipped ones of a resumed epoch included
-        for raw in batches.epoch(epoch):
-            if index < skip:
-                index += 1
-                continue
-            batch = _to_batch(raw, shapes, text, use_visual, cfg.train.hflip and not config["full"], trainer.generator)
-            metrics = trainer.train_step(batch)
-            index += 1
-            imgs += per_worker * world
-            last = trainer.step >= cfg.train.steps
-            do_log = trainer.step % cfg.train.log_every == 0 or last
-            do_ckpt = trainer.step % cfg.train.ckpt_every == 0 or last
-            if do_log or do_ckpt:
-                now = time.perf_counter()
-                metrics = {k: float(v) for k, v in metrics.items()}  # with train.sync_free: the one host sync
-                metrics.update(epoch=epoch, images_per_s=imgs / max(now - t_last, 1e-9), skipped_steps=trainer.skipped_steps)
-                t_last, imgs = now, 0
-                if rank == 0:
-                    log.append(metrics)
-                    progress.update(trainer.step, f"loss {metrics['loss']:.4f}, {metrics['images_per_s']:.1f} images/s")
-                    record("train", "train_images_per_s", metrics["images_per_s"])
-                    record("train", "train_loss", metrics["loss"])
-                checkpoint = staging = None
-                if do_ckpt and rank == 0:
-                    state = dict(trainer.state_dict(), data={"epoch": epoch, "index": index})
-                    staging = None if ckpt_dir.is_local else tempfile.TemporaryDirectory(prefix="d2c-ckpt-")
-                    _, local_ckpt = save_checkpoint_at(ckpt_dir, trainer.step, trainer.module, trainer.ema.model, state, meta,
-                                                       staging=staging.name if staging else None)
-                    prune_checkpoints_at(ckpt_dir, keep=config["keep"])
-                    log.flush()
-                    checkpoint = Checkpoint.from_directory(str(local_ckpt))
-                ray.train.report({k: float(v) for k, v in metrics.items()}, checkpoint=checkpoint)
-                if staging is not None:  # report() has persisted the checkpoint: the staged copy may go
-                    staging.cleanup()
-            if last:
-                break
-        if index == 0:  # an epoch without a batch: looping again would spin forever
-            raise RuntimeError(f"epoch {epoch} gave this worker no batch of {per_worker} rows; lower train.batch_size")
-        epoch, skip = epoch + 1, 0
+
+    def report(metrics: dict, position: Optional[dict]) -> None:
+        checkpoint = staging = None
+        if rank == 0:
+            log.append(metrics)
+            progress.update(trainer.step, f"loss {metrics['loss']:.4f}, {metrics['images_per_s']:.1f} images/s")
+            record("train", "train_images_per_s", metrics["images_per_s"])
+            record("train", "train_loss", metrics["loss"])
+            if position is not None:
+                staging = None if ckpt_dir.is_local else tempfile.TemporaryDirectory(prefix="d2c-ckpt-")
+                _, local_ckpt = save_state(trainer, position, ckpt_dir, meta, keep=config["keep"],
+                                           staging=staging.name if staging else None)
+                log.flush()
+                checkpoint = Checkpoint.from_directory(str(local_ckpt))
+        ray.train.report(metrics, checkpoint=checkpoint)
+        if staging is not None:  # report() has persisted the checkpoint: the staged copy may go
+            staging.cleanup()
+
+    train_loop(trainer, batches.epoch, assemble, cfg.train.steps, position=position, log_every=cfg.train.log_every,
+               ckpt_every=cfg.train.ckpt_every, report=report, images_per_step=per_worker * world)
 
 
 # ------------------------------------------------------------------------------------
@@ -494,16 +416,15 @@ def ensure_embedded_scorer(cfg: D2CConfig) -> Path:
     out = scorer_cache_root() / key
     from d2c.train.checkpoint import latest_checkpoint
 
-    done = out / "_SUCCESS"
-    if done.is_file() and latest_checkpoint(out / "checkpoints") is not None:
+    stage = StageDir(out, settings, "the embedded scorer cache")
+    if stage.complete and latest_checkpoint(out / "checkpoints") is not None:
         print(f"[d2c] scorer: reusing the cached embedded scorer {out}", flush=True)
         return out / "checkpoints"
     print(f"[d2c] scorer: no score.scorer given — training the embedded scorer from scratch "
           f"({cfg.score.scorer_train_steps} steps) into {out}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "settings.json").write_text(json.dumps(settings, indent=2, default=str))
     init_ray(cfg)
     quiet_data_context(cfg=cfg)
     fit(scorer_config(cfg, out), out, full=True, holdout=cfg.score.gate_rows)
-    done.write_text("")
+    stage.commit()
     return out / "checkpoints"

@@ -45,7 +45,7 @@ import yaml  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.variants import LABELS, variant_config  # noqa: E402
+from d2c.variants import LABELS, variant_config  # noqa: E402
 from d2c.config import apply_overrides, build_config, load_config  # noqa: E402
 
 RESULT_COLUMNS = ["variant", "seed", "steps", "fid", "kid", "precision", "recall", "num_samples", "train_s", "eval_s",
@@ -169,7 +169,7 @@ class Study:
 
     def compare(self, variant: str, seed: int) -> None:
         """Paired bootstrap of FID(variant) − FID(random) at the final step, same seed."""
-        from app.compare import compare_evals
+        from d2c.eval.compare import compare_evals
 
         path = self.results / "comparisons" / f"{variant}-vs-{BASELINE}-s{seed}.json"
         if variant == BASELINE or path.is_file():
@@ -269,7 +269,7 @@ class Study:
         c = self.cfg
         pool = "every" if c.data.max_per_class is None else f"{c.data.max_per_class} per class of the"
         lines = ["# The seeded fidelity study", "",
-                 f"Every variant of `app/variants.py` at a budget of {c.select.budget} images ({pool} Fashion-MNIST "
+                 f"Every variant of `d2c/variants.py` at a budget of {c.select.budget} images ({pool} Fashion-MNIST "
                  "train images scored), the same model, steps, sampler and evaluation; several training seeds each.", "",
                  "```", "python benchmarks/fidelity.py --out runs/fidelity --results benchmarks/results/fidelity", "```", "",
                  f"Regime `{self.regime}` (`benchmarks/fidelity.yaml`): " +

@@ -96,6 +96,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import datetime as dt
 import gc
 import inspect
@@ -128,7 +129,8 @@ from d2c.select.score import difficulty_scores, image_noise, scores_from_noise, 
 from d2c.train.objective import ARCH_SIT, D2CObjective  # noqa: E402
 from d2c.train.compile import compile_options, compiled_blocks, configure_dynamo  # noqa: E402
 from d2c.train.precision import autocast_model_fn  # noqa: E402
-from d2c.train.trainer import CondensedBatches, Trainer  # noqa: E402
+from d2c.train.loop import RowBatches, assemble_batch, batch_stream, row_shapes  # noqa: E402
+from d2c.train.trainer import Trainer  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # The paper's setting (docs/method.md, configs/imagenet256.yaml)
@@ -1222,15 +1224,24 @@ def measure_train(ctx: Ctx, row: Row, v: Variant, net: DiT, objective: D2CObject
                   batch: int, precision: str, flops_step: int) -> None:
     a = ctx.args
     reset_peak_memory(ctx.device)
-    loader = CondensedBatches(data, batch, SEED, hflip=True, use_visual=True, text_emb=text, text_mask=mask)
+    rows = RowBatches(data, batch, SEED)
+    text_rows = (torch.as_tensor(text, dtype=torch.float32), torch.as_tensor(mask))
+
+    def loader(generator: torch.Generator) -> Iterator[dict[str, Tensor]]:
+        """The product's batches; flips drawn on ``generator``'s device (a CPU one: host batches)."""
+        return batch_stream(rows, functools.partial(assemble_batch, shapes=row_shapes(rows.rows), text=text_rows,
+                                                    use_visual=True, hflip=True, generator=generator))
+
     compiled = "compile" in v.features
     stack = contextlib.ExitStack()
     with stack:
         if not v.features:  # the real Trainer, as the Ray Train workers run it
             trainer = Trainer(net, objective, train_settings(precision), device=ctx.device)
 
+            batches = loader(trainer.generator)
+
             def step() -> Any:
-                return trainer.train_step(loader.next_batch())
+                return trainer.train_step(next(batches))
 
             skipped = lambda: trainer.skipped_steps  # noqa: E731
         else:
@@ -1243,12 +1254,13 @@ def measure_train(ctx: Ctx, row: Row, v: Variant, net: DiT, objective: D2CObject
             trainer = Trainer(model, objective, train_settings(precision, sync_free=True), device=ctx.device)
             if compiled and "fused" not in v.features:
                 stack.enter_context(compiled_blocks(net.blocks, a.compile_backend, True, a.compile_mode))
+            host = loader(torch.Generator().manual_seed(SEED))
             if "prefetch" in v.features:
-                prefetch = HostPrefetcher(loader.next_batch, ctx.device)
+                prefetch = HostPrefetcher(lambda: next(host), ctx.device)
                 stack.callback(prefetch.close)
                 get = lambda: next(prefetch)  # noqa: E731
             else:
-                get = lambda: {k: t.to(ctx.device, non_blocking=True) for k, t in loader.next_batch().items()}  # noqa: E731
+                get = lambda: {k: t.to(ctx.device, non_blocking=True) for k, t in next(host).items()}  # noqa: E731
 
             def step() -> Any:
                 return trainer.train_step(get())

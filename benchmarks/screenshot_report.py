@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     page = Path(args.page)
     if page.is_dir():
-        from app.report import write_report
+        from d2c.report import write_report
 
         page = write_report([str(page)])
     if not page.is_file():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import os
 import sys
@@ -36,8 +37,9 @@ from d2c.attach.text import save_text_embeddings  # noqa: E402
 from d2c.config import load_config  # noqa: E402
 from d2c.data.condensed import to_arrow  # noqa: E402
 from d2c.models.build import build_model, dit_kwargs  # noqa: E402
+from d2c.train.loop import RowBatches, assemble_batch, batch_stream, row_shapes  # noqa: E402
 from d2c.train.objective import D2CObjective  # noqa: E402
-from d2c.train.trainer import CondensedBatches, Trainer  # noqa: E402
+from d2c.train.trainer import Trainer  # noqa: E402
 
 NUM_CLASSES = 10
 TEXT_LEN, TEXT_DIM, VIS_DIM = 16, 384, 1280
@@ -74,11 +76,13 @@ def plain(cfg, cond: Path, steps: int) -> float:
     emb, mask, _, _ = load_text_embeddings(cond.parent / "text_embeddings.safetensors")
     model = build_model(dit_kwargs(cfg, NUM_CLASSES, text_dim=TEXT_DIM, proj_dim=VIS_DIM))
     trainer = Trainer(model, D2CObjective.from_config(cfg), cfg.train)
-    batches = CondensedBatches(data, cfg.train.batch_size, cfg.train.seed, hflip=True, use_visual=True, text_emb=emb, text_mask=mask)
-    trainer.train_step(batches.next_batch())  # warm-up, not timed
+    rows = RowBatches(data, cfg.train.batch_size, cfg.train.seed)
+    batches = batch_stream(rows, functools.partial(assemble_batch, shapes=row_shapes(rows.rows), text=(emb, mask),
+                                                   use_visual=True, hflip=True, generator=trainer.generator))
+    trainer.train_step(next(batches))  # warm-up, not timed
     start = time.perf_counter()
     for _ in range(steps):
-        trainer.train_step(batches.next_batch())
+        trainer.train_step(next(batches))
     return steps / (time.perf_counter() - start)
 
 

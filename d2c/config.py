@@ -15,7 +15,7 @@ import copy
 import difflib
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, ClassVar, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
@@ -55,6 +55,32 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_pool(section: str, lo_key: str, lo: int, hi_key: str, hi: int) -> None:
+    if hi < lo:
+        raise ValueError(f"{section}.{hi_key} ({hi}) is below {section}.{lo_key} ({lo}); set {section}.{hi_key} >= {section}.{lo_key}")
+
+
+class ActorPool(_Section):
+    """A Ray Data actor pool's settings, shared by every stage that runs one (scoring, attach and
+    the feature pass, sampling): its size and what each actor reserves."""
+
+    #: The section's dotted name, in messages.
+    SECTION: ClassVar[str] = ""
+
+    #: Actors: min and max size of the pool (autoscaled between them).
+    min_actors: int = Field(1, ge=1)
+    max_actors: int = Field(1, ge=1)
+    #: GPUs per actor (0 on CPU).
+    num_gpus: float = Field(0.0, ge=0)
+    #: CPUs reserved per actor; on CPU-only machines also its torch thread count.
+    num_cpus: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _pool(self) -> "ActorPool":
+        _check_pool(self.SECTION, "min_actors", self.min_actors, "max_actors", self.max_actors)
+        return self
 
 
 # ------------------------------------------------------------------------------------
@@ -114,8 +140,10 @@ class AutoencoderConfig(_Section):
         return out
 
 
-class ScoreConfig(_Section):
-    """Diffusion difficulty scoring (docs/method.md Eq. 7)."""
+class ScoreConfig(ActorPool):
+    """Diffusion difficulty scoring (docs/method.md Eq. 7), on a pool of scoring actors."""
+
+    SECTION: ClassVar[str] = "score"
 
     #: A checkpoint of ours, an official DiT checkpoint, or a diffusers id/path.
     #: None: train the embedded scorer from scratch first (cached by its settings).
@@ -126,13 +154,6 @@ class ScoreConfig(_Section):
     #: Rows (image × timestep) per scorer forward pass; every pass is padded to this count so
     #: that scores are bitwise independent of batching. Best: batch_size × num_timesteps.
     forward_rows: int = Field(2048, ge=1)
-    #: Scoring actors: min and max size of the Ray Data actor pool.
-    min_actors: int = Field(1, ge=1)
-    max_actors: int = Field(1, ge=1)
-    #: GPUs per scoring actor (0 on CPU).
-    num_gpus: float = Field(0.0, ge=0)
-    #: CPUs reserved per scoring actor; on CPU-only machines also its torch thread count.
-    num_cpus: float = Field(1.0, gt=0)
     #: Rows per output shard; a shard is the unit of resume.
     shard_rows: int = Field(4096, ge=1)
     #: Reuse the complete scores of another run directory (or its scores/) instead of scoring:
@@ -153,15 +174,6 @@ class ScoreConfig(_Section):
     #: torch.compile of the scorer's blocks in each scoring actor (compiled at its first batch).
     #: Part of the scores' settings, like ``precision``.
     compile: CompileBackend = "off"
-
-    @model_validator(mode="after")
-    def _pool(self) -> "ScoreConfig":
-        if self.max_actors < self.min_actors:
-            raise ValueError(
-                f"score.max_actors ({self.max_actors}) is below score.min_actors "
-                f"({self.min_actors}); set score.max_actors >= score.min_actors"
-            )
-        return self
 
 
 class SelectConfig(_Section):
@@ -209,7 +221,10 @@ class TextConfig(_Section):
         return self
 
 
-class VisionConfig(_Section):
+class VisionConfig(ActorPool):
+    """The attach vision encoder, on a pool of attach actors (also the feature pass's)."""
+
+    SECTION: ClassVar[str] = "attach.vision"
     encoder: Literal["efficientnet_lite0", "dinov2", "none"] = "efficientnet_lite0"
     path: Optional[str] = None
     #: Encoder input resolution in pixels.
@@ -223,11 +238,6 @@ class VisionConfig(_Section):
     #: mean, unit variance, as DINOv2's tokens), or "none". Chosen by benchmarks/repa_target.py.
     normalize: Literal["none", "layernorm"] = "layernorm"
     batch_size: int = Field(64, ge=1)
-    min_actors: int = Field(1, ge=1)
-    max_actors: int = Field(1, ge=1)
-    num_gpus: float = Field(0.0, ge=0)
-    #: CPUs reserved per attach actor; on CPU-only machines also its torch thread count.
-    num_cpus: float = Field(1.0, gt=0)
 
     @model_validator(mode="after")
     def _efficientnet_only(self) -> "VisionConfig":
@@ -334,13 +344,16 @@ class TrainConfig(_Section):
     max_failures: int = Field(2, ge=0)
 
 
-class EvalConfig(_Section):
+class EvalConfig(ActorPool):
     """``d2c evaluate``: class-balanced sampling with the EMA weights, then FID/KID/precision/recall.
 
     Sample i has label ``i mod C`` (so N/C per class; when C does not divide N the first
     ``N mod C`` classes get one more) and its noise from a generator seeded by (seed, i):
-    samples do not depend on batch size, actor count or order.
+    samples do not depend on batch size, actor count or order. The pool keys are the sampling
+    actors'; the Inception actors have their own size and GPUs, and share ``num_cpus``.
     """
+
+    SECTION: ClassVar[str] = "eval"
 
     num_samples: int = Field(1000, ge=1)
     #: DiT: "ddpm" / "ddim"; SiT: "ode" (Heun) / "sde" (Euler-Maruyama).
@@ -391,25 +404,15 @@ class EvalConfig(_Section):
     #: torch.compile of the sampled network's blocks in each sampling actor (d2c.train.compile).
     #: Part of the EVAL settings.
     compile: CompileBackend = "off"
-    #: Sampling actors: pool size and GPUs per actor.
-    min_actors: int = Field(1, ge=1)
-    max_actors: int = Field(1, ge=1)
-    num_gpus: float = Field(0.0, ge=0)
-    #: Inception feature actors: pool size and GPUs per actor.
+    #: Inception feature actors: pool size and GPUs per actor (their CPUs: ``num_cpus``).
     inception_min_actors: int = Field(1, ge=1)
     inception_max_actors: int = Field(1, ge=1)
     inception_num_gpus: float = Field(0.0, ge=0)
-    #: CPUs reserved per sampling / Inception actor; on CPU also its torch thread count.
-    num_cpus: float = Field(1.0, gt=0)
 
     @model_validator(mode="after")
     def _eval(self) -> "EvalConfig":
-        for lo_key, hi_key in (("min_actors", "max_actors"), ("inception_min_actors", "inception_max_actors")):
-            if getattr(self, hi_key) < getattr(self, lo_key):
-                raise ValueError(
-                    f"eval.{hi_key} ({getattr(self, hi_key)}) is below eval.{lo_key} "
-                    f"({getattr(self, lo_key)}); set eval.{hi_key} >= eval.{lo_key}"
-                )
+        _check_pool("eval", "inception_min_actors", self.inception_min_actors, "inception_max_actors",
+                    self.inception_max_actors)
         if self.bootstrap_rounds is not None and 0 < self.bootstrap_rounds < MIN_BOOTSTRAP_ROUNDS:
             raise ValueError(
                 f"eval.bootstrap_rounds={self.bootstrap_rounds} is too few for an interval; "

@@ -373,8 +373,8 @@ def _check_compare(out, tmp_path, capsys):
     """``d2c compare`` on a real EVAL directory, on itself and on a copy with shifted features."""
     import shutil
 
-    from app.compare import compare_evals
-    from app.evaluate import bootstrap_reference
+    from d2c.eval.artifacts import bootstrap_reference
+    from d2c.eval.compare import compare_evals
     from d2c.eval.bootstrap import fid_value
 
     same = compare_evals(out, out, rounds=20)
@@ -440,7 +440,7 @@ def test_adm_reference_npz(ray_session, tmp_path, monkeypatch):
     only = reference_statistics(load_config(None, [f"eval.reference={tmp_path / 'stats.npz'}"]), NUM_CLASSES, extractor_id())
     assert only["feats"] is None and np.array_equal(only["stats"].mu, ref["stats"].mu)
     # The bootstrap's reference: the cached arr_0 features (one stratum: no labels), or the file's fixed mu/sigma.
-    from app.evaluate import bootstrap_reference
+    from d2c.eval.artifacts import bootstrap_reference
 
     boot = bootstrap_reference(ref["info"])
     assert boot.features.shape == (8, 2048) and boot.labels is None

@@ -32,10 +32,18 @@ from d2c.eval.fid import (
     kid,
     load_reference_npz,
     precision_recall,
-    reference_key,
-    reference_stats,
     save_samples_npz,
     save_stats_npz,
+)
+from d2c.eval.reference import (
+    NPZ_POOL_FEATURES,
+    cache_file,
+    cached_features,
+    cached_stats,
+    dataset_reference_key,
+    load_cached,
+    npz_reference_key,
+    read_npz_images,
 )
 from d2c.eval.inception import (
     EXTRACTOR_NAME,
@@ -174,13 +182,31 @@ def counting(extractor) -> CountingExtractor:
     return CountingExtractor(extractor)
 
 
+PREPROCESS = {"image_size": PADDED_SIDE, "channels": 3, "preprocess": "pad"}
+
+
+def _rows(images: np.ndarray, labels=None) -> list[dict]:
+    """Listing rows of decoded images, as the reference's dataset split gives them."""
+    labels = np.arange(len(images)) % NUM_CLASSES if labels is None else labels
+    return [dict(image_id=f"img{i}", label=int(labels[i]), image=images[i]) for i in range(len(images))]
+
+
 @pytest.fixture(scope="module")
 def cached_ref(data, counting, cache_dir):
-    """(first call, second call) of reference_stats on A[:8]."""
-    first = reference_stats(data["A"][:N_SMALL], cache_dir, counting)
+    """Two calls of the product's get-or-compute on A[:8]: (first, was cached, second, was cached,
+    extract calls after the first, the cache file)."""
+    images = data["A"][:N_SMALL]
+    key = dataset_reference_key(_rows(images), PREPROCESS, counting.extractor_id)
+    path = cache_file(cache_dir, key)
+
+    def compute():
+        out = counting.extract(images, spatial=True, logits=False)
+        return out.pool, out.spatial, np.arange(len(images)) % NUM_CLASSES
+
+    first, first_before = cached_features(path, key, counting.extractor_id, compute)
     calls_after_first = counting.calls
-    second = reference_stats(data["A"][:N_SMALL], cache_dir, counting)
-    return first, second, calls_after_first
+    second, second_before = cached_features(path, key, counting.extractor_id, compute)
+    return first, first_before, second, second_before, calls_after_first, path
 
 
 # ---------------------------------------------------------------------------
@@ -461,33 +487,45 @@ def test_compute_metrics_with_reference_statistics_only():
 # ---------------------------------------------------------------------------
 # Reference statistics cache and ADM .npz files
 # ---------------------------------------------------------------------------
-def test_reference_stats_cache_hits_on_the_second_call(cached_ref, feats, counting):
-    first, second, calls_after_first = cached_ref
-    assert not first.cached and second.cached
-    assert os.path.isfile(first.path) and first.path == second.path and first.key == second.key
+def test_reference_cache_hits_on_the_second_call(cached_ref, feats, counting):
+    first, first_before, second, second_before, calls_after_first, path = cached_ref
+    assert not first_before and second_before and path.is_file()
     assert counting.calls == calls_after_first == 1  # the second call computed nothing
-    np.testing.assert_array_equal(first.pool.sigma, second.pool.sigma)
-    np.testing.assert_array_equal(first.spatial.mu, second.spatial.mu)
-    assert first.pool.n == second.pool.n == N_SMALL and first.spatial.dim == SPATIAL_DIM
+    pool, spatial = cached_stats(first)
+    pool2, spatial2 = cached_stats(second)
+    np.testing.assert_array_equal(pool.sigma, pool2.sigma)
+    np.testing.assert_array_equal(spatial.mu, spatial2.mu)
+    assert pool.n == N_SMALL and spatial.dim == SPATIAL_DIM
+    # The statistics are those of the stored features, which are the extractor's.
     want = FeatureStats.from_features(feats["A"].pool[:N_SMALL])
-    np.testing.assert_allclose(first.pool.mu, want.mu, atol=FEATURE_ATOL)
+    np.testing.assert_allclose(pool.mu, want.mu, atol=FEATURE_ATOL)
+    np.testing.assert_allclose(first[NPZ_POOL_FEATURES], feats["A"].pool[:N_SMALL], atol=FEATURE_ATOL)
+    np.testing.assert_array_equal(first["labels"], np.arange(N_SMALL) % NUM_CLASSES)
 
 
-def test_reference_keys(data, extractor, feats, cache_dir):
-    ext_id = extractor.extractor_id
-    key_a = reference_key(data["A"][:N_SMALL], ext_id)
-    assert reference_key(data["B"][:N_SMALL], ext_id) != key_a  # other images
-    assert reference_key(data["A"][:N_SMALL], ext_id + "-other") != key_a  # other extractor
-    assert reference_key(data["A"][:N_SMALL, ..., 0], ext_id) == key_a  # same pixels, grey layout
-    assert reference_key(_nchw(data["A"][:N_SMALL]), ext_id) == key_a  # same pixels, NCHW tensor
-    # Features can be cached too (no sFID then).
-    from_feats = reference_stats(feats["B"].pool, cache_dir)
-    again = reference_stats(feats["B"].pool, cache_dir)
-    assert not from_feats.cached and again.cached and from_feats.spatial is None
-    np.testing.assert_array_equal(again.pool.sigma, FeatureStats.from_features(feats["B"].pool).sigma)
+def test_reference_keys_cover_content_labels_preprocessing_and_extractor(data, tmp_path, cached_ref):
+    ext_id = "inception-x"
+    rows = _rows(data["A"][:N_SMALL])
+    key = dataset_reference_key(rows, PREPROCESS, ext_id)
+    assert dataset_reference_key(_rows(data["A"][:N_SMALL]), PREPROCESS, ext_id) == key  # same content
+    assert dataset_reference_key(_rows(data["B"][:N_SMALL]), PREPROCESS, ext_id) != key  # other pixels
+    assert dataset_reference_key(rows, PREPROCESS, ext_id + "-other") != key  # other extractor
+    assert dataset_reference_key(rows, dict(PREPROCESS, image_size=64), ext_id) != key  # other preprocessing
+    assert dataset_reference_key(_rows(data["A"][:N_SMALL], np.zeros(N_SMALL, int)), PREPROCESS, ext_id) != key
+    assert dataset_reference_key(rows[:-1], PREPROCESS, ext_id) != key  # one image fewer
+    encoded = [dict(image_id=r["image_id"], label=r["label"], image_bytes=r["image"].tobytes()) for r in rows]
+    assert dataset_reference_key(encoded, PREPROCESS, ext_id) != key
+    # An ADM file's key follows its content.
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    save_samples_npz(str(a), data["A"][:N_SMALL])
+    save_samples_npz(str(b), data["B"][:N_SMALL])
+    assert npz_reference_key(a, ext_id) != npz_reference_key(b, ext_id) != npz_reference_key(b, ext_id + "-other")
+    # A cache file holding another key is a miss, not a wrong hit.
+    *_, path = cached_ref
+    assert load_cached(path, "0" * 64) is None and load_cached(tmp_path / "none.npz", "0" * 64) is None
 
 
-def test_adm_npz_round_trip(tmp_path, data, cached_ref, counting, cache_dir):
+def test_adm_npz_round_trip(tmp_path, data, cached_ref):
     # Samples: arr_0 uint8 N x H x W x 3 (grey input is expanded), arr_1 labels.
     samples = str(tmp_path / "samples.npz")
     labels = np.arange(N_SET) % NUM_CLASSES
@@ -496,31 +534,28 @@ def test_adm_npz_round_trip(tmp_path, data, cached_ref, counting, cache_dir):
         assert z["arr_0"].dtype == np.uint8 and z["arr_0"].shape == (N_SET, PADDED_SIDE, PADDED_SIDE, 3)
         np.testing.assert_array_equal(z["arr_0"], data["A"])
         np.testing.assert_array_equal(z["arr_1"], labels)
+    np.testing.assert_array_equal(read_npz_images(samples), data["A"])
 
-    # Statistics written by the cache are ADM reference files (mu, sigma, mu_s, sigma_s).
-    first, _, _ = cached_ref
-    with np.load(first.path) as z:
+    # A reference cache file is an ADM reference file (mu, sigma, mu_s, sigma_s).
+    first, *_, path = cached_ref
+    pool, spatial = cached_stats(first)
+    with np.load(path) as z:
         assert {"mu", "sigma", "mu_s", "sigma_s"} <= set(z.files)
-    loaded = load_reference_npz(first.path)
-    np.testing.assert_array_equal(loaded.pool.sigma, first.pool.sigma)
-    np.testing.assert_array_equal(loaded.spatial.sigma, first.spatial.sigma)
+    loaded = load_reference_npz(str(path))
+    np.testing.assert_array_equal(loaded.pool.sigma, pool.sigma)
+    np.testing.assert_array_equal(loaded.spatial.sigma, spatial.sigma)
 
     # A bare ADM file: mu/sigma only (no n, no spatial).
     adm = str(tmp_path / "adm_ref.npz")
-    np.savez(adm, mu=first.pool.mu, sigma=first.pool.sigma)
+    np.savez(adm, mu=pool.mu, sigma=pool.sigma)
     bare = load_reference_npz(adm)
     assert bare.pool.n is None and bare.spatial is None
-    np.testing.assert_array_equal(bare.pool.mu, first.pool.mu)
-    save_stats_npz(str(tmp_path / "ours.npz"), first.pool)
+    np.testing.assert_array_equal(bare.pool.mu, pool.mu)
+    save_stats_npz(str(tmp_path / "ours.npz"), pool)
     assert load_reference_npz(str(tmp_path / "ours.npz")).pool.n == N_SMALL
-
-    # An image batch (arr_0) is featurised, here through the cache filled by cached_ref.
-    images_npz = str(tmp_path / "ref_images.npz")
-    save_samples_npz(images_npz, data["A"][:N_SMALL])
-    calls = counting.calls
-    from_images = load_reference_npz(images_npz, extractor=counting, cache_dir=cache_dir)
-    assert from_images.cached and counting.calls == calls
-    np.testing.assert_array_equal(from_images.pool.mu, first.pool.mu)
+    # An image batch has no statistics to read: it is featurised through the cache (d2c evaluate).
+    with pytest.raises(ValueError, match="holds images .* reference cache"):
+        load_reference_npz(samples)
 
 
 def test_bad_npz_files_give_clear_errors(tmp_path):
@@ -547,10 +582,12 @@ def test_bad_npz_files_give_clear_errors(tmp_path):
         load_reference_npz(str(tmp_path / "bad_shapes.npz"))
     np.savez(tmp_path / "float_images.npz", arr_0=np.zeros((2, 8, 8, 3), np.float32))
     with pytest.raises(ValueError, match="uint8"):
-        load_reference_npz(str(tmp_path / "float_images.npz"))
+        read_npz_images(str(tmp_path / "float_images.npz"))
     np.savez(tmp_path / "odd_images.npz", arr_0=np.zeros((2, 8, 8, 5), np.uint8))
     with pytest.raises(ValueError, match="arr_0"):
-        load_reference_npz(str(tmp_path / "odd_images.npz"))
+        read_npz_images(str(tmp_path / "odd_images.npz"))
+    with pytest.raises(ValueError, match="no 'arr_0'"):
+        read_npz_images(str(tmp_path / "other.npz"))
     with pytest.raises(TypeError, match="uint8"):
         save_samples_npz(str(tmp_path / "x.npz"), np.zeros((2, 8, 8, 3), np.float32))
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TEST_RAY_CPUS, TINY_MODEL, tiny_cfg
-from d2c.config import ConfigError, load_config
+from conftest import TEST_RAY_CPUS, TINY_MODEL, tiny_cfg
+from d2c.config import ConfigError
 
 
 @contextlib.contextmanager

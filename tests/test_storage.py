@@ -486,7 +486,7 @@ print("=== s3 driver done", flush=True)
 def test_condense_train_evaluate_sweep_in_an_s3_bucket(moto_s3, condensed_run, scorer_ckpt, tmp_path):
     if not FMNIST.is_dir():
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-    from app.condense import RunDir, load_features
+    from app.condense import RunDir
     from d2c.attach.text import load_text_embeddings
     from d2c.data.condensed import read_condensed
     from d2c.train.checkpoint import CHECKPOINT_FILES
@@ -546,8 +546,9 @@ def test_condense_train_evaluate_sweep_in_an_s3_bucket(moto_s3, condensed_run, s
                 "features/shard-00002.parquet", "selection/_SUCCESS", "condensed/_SUCCESS", "manifest.json"):
         assert (kc.root / key).is_file(), key
     assert not kc.scores.exists()  # the scores were reused from the bucket, not recomputed
-    feats = load_features(kc.features)
-    assert set(feats) == set(scores.image_id) and {v.shape for v in feats.values()} == {(1280,)}
+    feats = pa.concat_tables([f.read_table(columns=["image_id", "feature"]) for f in kc.features.glob("shard-*.parquet")])
+    assert set(feats["image_id"].to_pylist()) == set(scores.image_id)
+    assert {len(v) for v in feats["feature"].to_pylist()} == {1280}
     kc_sel = (kc.selection / "selection.parquet").read_pandas()
     assert set(kc_sel.method) == {"kcenter"} and len(kc_sel) == 30
     kc_manifest = kc.manifest.read_json()

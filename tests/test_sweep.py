@@ -58,7 +58,7 @@ def test_two_by_two_sweep_end_to_end(condensed_run, scorer_ckpt, tmp_path, capsy
     assert (sweep_dir / FID_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # every trial selected from the ONE scores table: its selection is interval sampling of it
     for _, row in table.iterrows():
-        sel = pd.read_parquet(f"{row.trial_dir}/condense/selection.parquet")
+        sel = pd.read_parquet(f"{row.trial_dir}/condense/selection/selection.parquet")  # a RUN's layout
         n = row.budget // 10
         assert len(sel) == row.budget
         assert all(r == [i * row.k for i in range(n)] for r in sel.groupby("label")["rank"].apply(list))
@@ -106,7 +106,7 @@ def test_feature_baselines_sweep_encodes_once(condensed_run, scorer_ckpt, tmp_pa
     feats = pd.read_parquet(features)
     by_id = dict(zip(feats.image_id, feats.feature))
     for _, row in table.iterrows():
-        sel = pd.read_parquet(f"{row.trial_dir}/condense/selection.parquet")
+        sel = pd.read_parquet(f"{row.trial_dir}/condense/selection/selection.parquet")  # a RUN's layout
         assert set(sel.method) == {row.method} and len(sel) == 20
         algo = {"kcenter": kcenter_greedy, "herding": herding}[row.method]
         for label, group in scores.groupby("label"):
@@ -126,7 +126,7 @@ def test_interval_used_is_the_applied_k():
 
 
 def test_plot_puts_clamped_points_at_the_applied_interval():
-    from app.report_plots import plot_sweep
+    from d2c.report.plots import plot_sweep
 
     df = pd.DataFrame({"k": [1, 16, 96, 1, 96], "k_used": [1, 16, 96, 1, 25], "budget": [120, 120, 120, 600, 600],
                        "method": ["d2c"] * 5, "fid": [250.0, 240.0, 235.0, 238.0, 234.0]})

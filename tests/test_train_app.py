@@ -60,31 +60,6 @@ def test_resume_at_the_end_of_an_epoch(condensed_run, tmp_path):
     assert [m["epoch"] for m in _metrics(tdir)] == [0, 0, 0, 1, 1]
 
 
-def test_to_batch_picks_flips_with_the_trainers_generator_on_its_device():
-    """Ray's flat rows → the Trainer's batch; the flip draw comes from the (device) generator."""
-    from app.train import _to_batch
-
-    n, shapes = 8, {"latent": [1, 4, 4], "visual": [2, 3]}
-    g = torch.Generator().manual_seed(0)
-    raw = {"label": torch.arange(n) % 3, "latent": torch.randn(n, 16, generator=g), "latent_flip": torch.randn(n, 16, generator=g),
-           "visual": torch.randn(n, 6, generator=g).half(), "visual_flip": torch.randn(n, 6, generator=g).half()}
-    text = (torch.randn(3, 2, 5, generator=g), torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0]]))
-    gen = torch.Generator(device="cpu").manual_seed(7)
-    got = _to_batch(raw, shapes, text, True, True, gen)
-    flip = torch.rand(n, generator=torch.Generator().manual_seed(7)) < 0.5
-    assert 0 < int(flip.sum()) < n
-    torch.testing.assert_close(got["latent"], torch.where(flip[:, None], raw["latent_flip"], raw["latent"]).view(n, 1, 4, 4),
-                               rtol=0, atol=0)
-    torch.testing.assert_close(got["visual"], torch.where(flip[:, None], raw["visual_flip"], raw["visual"]).float().view(n, 2, 3),
-                               rtol=0, atol=0)
-    assert got["latent"].dtype == got["visual"].dtype == torch.float32 and got["label"].dtype == torch.int64
-    assert torch.equal(got["text_emb"], text[0][raw["label"]]) and torch.equal(got["text_mask"], text[1][raw["label"]])
-    state = gen.get_state()
-    plain = _to_batch(raw, shapes, None, False, False, gen)  # no flips: no draw, no visual, no text
-    assert torch.equal(gen.get_state(), state) and set(plain) == {"label", "latent"}
-    assert torch.equal(plain["latent"], raw["latent"].view(n, 1, 4, 4))
-
-
 def test_worker_resources_follow_the_config():
     cfg = load_config(ROOT / "configs" / "embedded.yaml", ["train.cpus_per_worker=3"])
     assert worker_resources(cfg) == {"CPU": 3.0}

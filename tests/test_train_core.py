@@ -4,6 +4,7 @@ Tiny DiTs (8x8 input, patch 2 -> 16 tokens, hidden 32, depth 2, 2 heads), CPU, s
 """
 
 import copy
+import functools
 import io
 import json
 import math
@@ -31,16 +32,9 @@ from d2c.train.checkpoint import (
     save_checkpoint,
 )
 from d2c.train.ema import EMA
+from d2c.train.loop import RowBatches, assemble_batch, batch_stream, checkpointing, restore_latest, row_shapes, save_state, train_loop
 from d2c.train.objective import D2CObjective, projection_loss
-from d2c.train.trainer import (
-    CondensedBatches,
-    ShapeMismatchError,
-    Trainer,
-    check_shapes,
-    resume_latest,
-    save_training_state,
-    train_loop,
-)
+from d2c.train.trainer import ShapeMismatchError, Trainer, check_shapes
 
 NUM_CLASSES, TEXT_LEN, TEXT_DIM, VIS_DIM, PROJ_HIDDEN = 3, 4, 6, 5, 16
 SIZE, PATCH, TOKENS = 8, 2, 16
@@ -103,9 +97,29 @@ def _text(seed: int = 1):
     return emb, mask
 
 
-def _batches(use_visual=True, text=True, **kw) -> CondensedBatches:
-    emb, mask = _text() if text else (None, None)
-    return CondensedBatches(_data(), BATCH, seed=0, hflip=True, use_visual=use_visual, text_emb=emb, text_mask=mask, **kw)
+def _assemble(generator, use_visual=True, text=True, hflip=True):
+    """The product's batch assembly over ``_data()``'s columns."""
+    emb, mask = _text()
+    return functools.partial(assemble_batch, shapes=row_shapes(RowBatches(_data(), BATCH, 0).rows),
+                             text=(torch.from_numpy(emb), torch.from_numpy(mask)) if text else None,
+                             use_visual=use_visual, hflip=hflip, generator=generator)
+
+
+class _Batches:
+    """The product's batches (:class:`RowBatches` + :func:`assemble_batch`) one after another,
+    flips drawn from a generator of their own (so several trainers can be fed the same batches)."""
+
+    def __init__(self, use_visual=True, text=True, seed=0):
+        self.rows = RowBatches(_data(), BATCH, seed=0)
+        self.assemble = _assemble(torch.Generator().manual_seed(seed), use_visual, text)
+        self._it = batch_stream(self.rows, self.assemble)
+
+    def next_batch(self) -> dict:
+        return next(self._it)
+
+
+def _batches(use_visual=True, text=True) -> _Batches:
+    return _Batches(use_visual, text)
 
 
 def _train_cfg(**kw) -> TrainConfig:
@@ -307,9 +321,14 @@ def test_lambda_zero_equals_plain_diffusion_training():
 # ----------------------------------------------------------------------------------------------
 
 
-def _run(trainer, batches, steps, **kw):
+def _run(trainer, steps, position=None, ckpt_dir=None, meta=None, ckpt_every=None):
+    """:func:`train_loop` as the product runs it (flips from the trainer's generator)."""
     log = []
-    train_loop(trainer, batches, steps, log_fn=log.append, **kw)
+    report = checkpointing(trainer, ckpt_dir, meta, log_fn=log.append) if ckpt_dir is not None else \
+        (lambda metrics, position: log.append(metrics))
+    rows = RowBatches(_data(), BATCH, seed=0)
+    train_loop(trainer, rows.epoch, _assemble(trainer.generator), steps, position=position, ckpt_every=ckpt_every,
+               report=report)
     return [(m["step"], m["loss"], m["loss_diff"], m["loss_proj"], m["grad_norm"]) for m in log]
 
 
@@ -321,19 +340,18 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
     train = _train_cfg(proj_coeff=cfg.train.proj_coeff)
 
     straight = Trainer(_model(kwargs), objective, train)
-    losses_straight = _run(straight, _batches(), 20)
+    losses_straight = _run(straight, 20)
 
     first = Trainer(_model(kwargs), objective, train)
-    losses_a = _run(first, _batches(), 10, ckpt_dir=tmp_path, ckpt_every=10, meta=meta)
+    losses_a = _run(first, 10, ckpt_dir=tmp_path, ckpt_every=10, meta=meta)
     del first
     ckpt = load_checkpoint(tmp_path)  # the newest in the directory
     assert ckpt["path"].name == "step-0000010" and ckpt["trainer"]["data"] == dict(epoch=3, index=1)
     model = build_model(ckpt["meta"]["dit_kwargs"])  # fresh, differently initialised
     second = Trainer(model, D2CObjective.from_description(ckpt["meta"]["diffusion"]), train)
-    batches = _batches()
-    batches.load_state_dict(second.restore(ckpt))
+    position = second.restore(ckpt)
     assert second.step == 10
-    losses_b = _run(second, batches, 20, ckpt_dir=tmp_path, ckpt_every=10, meta=meta)
+    losses_b = _run(second, 20, position=position, ckpt_dir=tmp_path, ckpt_every=10, meta=meta)
 
     assert losses_a + losses_b == losses_straight
     assert len(losses_straight) == 20 and losses_straight[-1][0] == 20.0
@@ -342,11 +360,11 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
     assert not torch.equal(straight.ema.model.final_layer.linear.weight, straight.module.final_layer.linear.weight)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [10, 20]
 
-    # resume_latest does the same in one call: the newest checkpoint is step 20.
+    # restore_latest does the same in one call: the newest checkpoint is step 20.
     third = Trainer(build_model(kwargs), objective, train)
-    batches = _batches()
-    assert resume_latest(third, batches, tmp_path) == tmp_path / "step-0000020"
-    assert third.step == 20 and batches.state_dict() == dict(epoch=6, index=2)
+    position, found = restore_latest(third, tmp_path)
+    assert found.local_path == tmp_path / "step-0000020"
+    assert third.step == 20 and position == dict(epoch=6, index=2)
     _assert_states_equal(third.ema.state_dict(), straight.ema.state_dict())
 
 
@@ -573,9 +591,9 @@ def test_checkpoint_atomic_weights_only_load_model_prune(tmp_path, monkeypatch):
     trainer = Trainer(_model(kwargs), objective, _train_cfg(precision="fp16"))
     batches = _batches()
     paths = []
-    for _ in range(3):
+    for i in range(3):
         trainer.train_step(batches.next_batch())
-        paths.append(save_training_state(trainer, batches, tmp_path, meta))
+        paths.append(save_state(trainer, {"epoch": (i + 1) // 3, "index": (i + 1) % 3}, tmp_path, meta)[1])
     assert [p.name for p in paths] == ["step-0000001", "step-0000002", "step-0000003"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in paths]  # no temp dirs left
 
@@ -613,7 +631,7 @@ def test_checkpoint_atomic_weights_only_load_model_prune(tmp_path, monkeypatch):
     _assert_states_equal(raw_model.state_dict(), trainer.module.state_dict())
 
     # Re-saving a step replaces it; prune keeps the newest N and clears temp dirs.
-    again = save_training_state(trainer, batches, tmp_path, meta)
+    again = save_state(trainer, {"epoch": 1, "index": 0}, tmp_path, meta)[1]
     assert again == paths[-1] and latest_checkpoint(tmp_path) == again
     deleted = prune_checkpoints(tmp_path, keep=2)
     assert paths[0] in deleted and partial in deleted
@@ -653,42 +671,70 @@ def test_check_shapes_names_each_mismatch():
         check_shapes(kwargs, good, text_shape=[3, 4, 6], max_label=7)
 
 
-def test_condensed_batches_deterministic_sharded_flip_consistent():
+def test_row_batches_are_a_function_of_seed_epoch_rank_and_the_rows_keys():
     data = _data()
-    a, b = _batches(), _batches()
-    seq_a = [a.next_batch() for _ in range(5)]
-    seq_b = [b.next_batch() for _ in range(5)]
-    for x, y in zip(seq_a, seq_b):
-        assert x.keys() == y.keys() == {"label", "latent", "visual", "text_emb", "text_mask"}
-        for k in x:
-            assert torch.equal(x[k], y[k])
-    assert a.state_dict() == dict(epoch=1, index=2)  # 3 batches per epoch
-    # Restoring the position reproduces the stream.
-    c = _batches()
-    c.load_state_dict(dict(epoch=1, index=1))
-    assert torch.equal(c.next_batch()["latent"], seq_a[4]["latent"])
+    a, b = RowBatches(data, BATCH, seed=0), RowBatches(data, BATCH, seed=0)
+    assert a.batches_per_epoch == 3  # 12 rows, batch 4
+    for x, y in zip(a.epoch(1), b.epoch(1)):
+        assert x.keys() == {"label", "latent", "latent_flip", "visual", "visual_flip"}  # image_id (text) dropped
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    # Each epoch visits every row once, in its own order; another rank or seed orders them otherwise.
+    order = a.order(0)
+    assert sorted(order.tolist()) == list(range(ROWS))
+    assert not torch.equal(order, a.order(1))
+    assert not torch.equal(order, RowBatches(data, BATCH, seed=0, rank=1).order(0))
+    assert not torch.equal(order, RowBatches(data, BATCH, seed=1).order(0))
+    shown = torch.cat([x["latent"] for x in a.epoch(0)])
+    assert torch.equal(shown, torch.from_numpy(data["latent"])[order])
+    # The canonical order is by key: the same rows handed over shuffled give the same batches.
+    keyed = dict(data, key=np.arange(ROWS))
+    perm = np.random.default_rng(3).permutation(ROWS)
+    shuffled = RowBatches({k: v[perm] for k, v in keyed.items()}, BATCH, seed=0)
+    for x, y in zip(RowBatches(keyed, BATCH, seed=0).epoch(2), shuffled.epoch(2)):
+        assert torch.equal(x["latent"], y["latent"]) and torch.equal(x["label"], y["label"])
+    # The last partial batch is dropped; too few or no rows are refused with the fix.
+    assert [len(x["label"]) for x in RowBatches(data, 5, seed=0).epoch(0)] == [5, 5]
+    with pytest.raises(RuntimeError, match="fewer than one batch of 64: lower train.batch_size"):
+        RowBatches(data, 64, 0)
+    with pytest.raises(RuntimeError, match="shard is empty"):
+        RowBatches.from_parts([], 4, 0)
 
-    # Each row is shown plain or flipped, latent and visual together, as the epoch's flip bits say.
-    order, flips = a.epoch_plan(0)
-    assert sorted(order.tolist()) == list(range(ROWS)) and 0 < flips.sum() < ROWS
-    shown = torch.cat([s["latent"] for s in seq_a[:3]])
-    shown_vis = torch.cat([s["visual"] for s in seq_a[:3]])
-    for pos, row in enumerate(order):
-        suffix = "_flip" if flips[row] else ""
-        assert torch.equal(shown[pos], torch.from_numpy(data["latent" + suffix][row]))
-        assert torch.equal(shown_vis[pos], torch.from_numpy(data["visual" + suffix][row]))
-    emb, mask = _text()
-    assert torch.equal(seq_a[0]["text_emb"], torch.from_numpy(emb)[seq_a[0]["label"]])
 
-    # Two ranks take disjoint strided slices of the same permutation.
-    r0, r1 = _batches(rank=0, world_size=2), _batches(rank=1, world_size=2)
-    assert r0.batches_per_epoch == r1.batches_per_epoch == 1  # 6 rows each, drop_last
-    o0, _ = r0.epoch_plan(0)
-    o1, _ = r1.epoch_plan(0)
-    assert set(o0.tolist()).isdisjoint(o1.tolist()) and len(o0) == len(o1) == 6
-    keep = CondensedBatches(data, 5, seed=0, drop_last=False)
-    assert keep.batches_per_epoch == 3 and len([keep.next_batch() for _ in range(3)][-1]["label"]) == 2
-    with pytest.raises(ValueError, match="visual_flip"):
-        CondensedBatches({k: v for k, v in data.items() if k != "visual_flip"}, 4, 0, hflip=True, use_visual=True)
-    with pytest.raises(ValueError, match="fewer than one batch"):
-        CondensedBatches(data, 64, 0)
+def test_assemble_batch_picks_flips_with_the_trainers_generator_on_its_device():
+    """Flat rows → the Trainer's batch; the flip draw comes from the (device) generator."""
+    n, shapes = 8, {"latent": [1, 4, 4], "visual": [2, 3]}
+    g = torch.Generator().manual_seed(0)
+    raw = {"label": torch.arange(n) % 3, "latent": torch.randn(n, 16, generator=g), "latent_flip": torch.randn(n, 16, generator=g),
+           "visual": torch.randn(n, 6, generator=g).half(), "visual_flip": torch.randn(n, 6, generator=g).half()}
+    text = (torch.randn(3, 2, 5, generator=g), torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0]]))
+    gen = torch.Generator(device="cpu").manual_seed(7)
+    got = assemble_batch(raw, shapes, text, True, True, gen)
+    flip = torch.rand(n, generator=torch.Generator().manual_seed(7)) < 0.5
+    assert 0 < int(flip.sum()) < n
+    torch.testing.assert_close(got["latent"], torch.where(flip[:, None], raw["latent_flip"], raw["latent"]).view(n, 1, 4, 4),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(got["visual"], torch.where(flip[:, None], raw["visual_flip"], raw["visual"]).float().view(n, 2, 3),
+                               rtol=0, atol=0)
+    assert got["latent"].dtype == got["visual"].dtype == torch.float32 and got["label"].dtype == torch.int64
+    assert torch.equal(got["text_emb"], text[0][raw["label"]]) and torch.equal(got["text_mask"], text[1][raw["label"]])
+    state = gen.get_state()
+    plain = assemble_batch(raw, shapes, None, False, False, gen)  # no flips: no draw, no visual, no text
+    assert torch.equal(gen.get_state(), state) and set(plain) == {"label", "latent"}
+    assert torch.equal(plain["latent"], raw["latent"].view(n, 1, 4, 4))
+
+
+def test_train_loop_reports_and_checkpoints_on_schedule_and_refuses_an_empty_epoch():
+    trainer = Trainer(_model(_kwargs()), _dit_objective(), _train_cfg())
+    rows, calls = RowBatches(_data(), BATCH, seed=0), []
+    last = train_loop(trainer, rows.epoch, _assemble(trainer.generator), 7, log_every=2, ckpt_every=3,
+                      report=lambda m, pos: calls.append((int(m["step"]), m["epoch"], pos)), images_per_step=BATCH)
+    assert calls == [(2, 0, None), (3, 0, {"epoch": 0, "index": 3}), (4, 1, None), (6, 1, {"epoch": 1, "index": 3}),
+                     (7, 2, {"epoch": 2, "index": 1})]
+    assert last["step"] == 7 and last["images_per_s"] > 0 and last["skipped_steps"] == 0
+    # A resume at an epoch's end goes on with the next epoch.
+    resumed = []
+    train_loop(trainer, rows.epoch, _assemble(trainer.generator), 8, position={"epoch": 2, "index": 3},
+               report=lambda m, pos: resumed.append((int(m["step"]), m["epoch"])))
+    assert resumed == [(8, 3)]
+    with pytest.raises(RuntimeError, match="epoch 0 gave this worker no batch"):
+        train_loop(trainer, lambda e: iter([]), _assemble(trainer.generator), 20)

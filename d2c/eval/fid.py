@@ -20,15 +20,14 @@ Definitions follow ADM's evaluator (FID/sFID, reference ``.npz`` format) and tor
   recall = share of reference points inside the generated manifold.
 - **IS** (:func:`inception_score`): torch-fidelity's, on unbiased logits, 10 splits.
 
-Reference statistics are cached as ADM-format ``.npz`` (``mu``, ``sigma`` and, with sFID,
-``mu_s``, ``sigma_s``) keyed by sha256 of the uint8 images and the extractor id
-(:func:`reference_stats`). :func:`compute_metrics_torch_fidelity` computes the same
+ADM reference files are read by :func:`load_reference_npz` and written by :func:`save_stats_npz`
+(the reference cache, :mod:`d2c.eval.reference`, writes its files in that format).
+:func:`compute_metrics_torch_fidelity` computes the same
 metrics through ``torch_fidelity.calculate_metrics`` with the registered extractor.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 import warnings
@@ -44,9 +43,7 @@ from torch.utils.data import Dataset
 from d2c.eval.inception import (
     EXTRACTOR_NAME,
     FIDELITY_EXTRACTOR_NAME,
-    InceptionFeatures,
     default_device,
-    extractor_id as source_extractor_id,
     image_layout,
     to_nchw_rgb,
     to_nhwc_rgb,
@@ -73,8 +70,6 @@ PRC_ROW_BLOCK = 1024
 IS_SPLITS = 10
 #: Seed of every random choice (torch-fidelity's ``rng_seed`` default).
 DEFAULT_SEED = 2020
-#: Images hashed at once for cache keys (bounds the memory of the canonical copy).
-HASH_CHUNK_IMAGES = 1024
 #: Minimum samples for a covariance.
 MIN_SAMPLES_FOR_COV = 2
 #: Tolerance of "these statistics are of these features" (means compared; float32 features).
@@ -443,52 +438,17 @@ def compute_metrics(
 # ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ReferenceStats:
-    """Reference statistics and where they came from.
+    """Statistics read from an ADM reference ``.npz``.
 
     Attributes:
         pool: FID statistics (D = 2048).
         spatial: sFID statistics (D = 2023), or None.
-        key: content key (sha256 hex), or None for a user-given ADM file.
-        path: the ``.npz`` they were read from or written to, or None.
-        cached: True when read from an existing cache file (nothing recomputed).
+        path: the file they were read from.
     """
 
     pool: FeatureStats
     spatial: FeatureStats | None
-    key: str | None
-    path: str | None
-    cached: bool
-
-
-def reference_key(images_or_features: np.ndarray | torch.Tensor, extractor_id: str) -> str:
-    """sha256 hex key of uint8 images (canonical ``[N, H, W, 3]`` bytes) or of features, with the extractor id.
-
-    The same images in another accepted layout (NCHW, grey) give the same key, as they
-    give the same features.
-    """
-    h = hashlib.sha256()
-    arr = images_or_features
-    if _is_images(arr):
-        h.update(b"images\0" + extractor_id.encode() + b"\0")
-        for start in range(0, len(arr), HASH_CHUNK_IMAGES):
-            chunk = to_nhwc_rgb(arr[start : start + HASH_CHUNK_IMAGES])
-            if start == 0:
-                h.update(repr(chunk.shape[1:]).encode())
-            h.update(chunk.tobytes())
-        h.update(repr(len(arr)).encode())
-    else:
-        feats = np.ascontiguousarray(np.asarray(arr))
-        if feats.ndim != 2 or not np.issubdtype(feats.dtype, np.floating):
-            raise ValueError(f"expected uint8 images or float features [N, D]; got {feats.dtype} {feats.shape}")
-        h.update(b"features\0" + extractor_id.encode() + b"\0")
-        h.update(f"{feats.dtype.str}{feats.shape}".encode())
-        h.update(feats.tobytes())
-    return h.hexdigest()
-
-
-def _is_images(arr: np.ndarray | torch.Tensor) -> bool:
-    """uint8 arrays are images; anything else is treated as features."""
-    return arr.dtype == torch.uint8 if isinstance(arr, torch.Tensor) else np.dtype(arr.dtype) == np.uint8
+    path: str
 
 
 def atomic_savez(path: str, arrays: dict[str, np.ndarray]) -> None:
@@ -523,50 +483,6 @@ def save_stats_npz(path: str, pool: FeatureStats, spatial: FeatureStats | None =
     atomic_savez(path, {**_stats_arrays(pool, spatial), **extra})
 
 
-def reference_stats(
-    images_or_features: np.ndarray | torch.Tensor,
-    cache_dir: str | None,
-    extractor: InceptionFeatures | None = None,
-    *,
-    spatial: bool = True,
-) -> ReferenceStats:
-    """Reference statistics, read from / written to ``cache_dir/ref-<sha256>.npz``.
-
-    Args:
-        images_or_features: uint8 images (any layout :func:`to_nchw_rgb` accepts) or pool
-            features float ``[N, 2048]`` (then there is no sFID).
-        cache_dir: cache directory; None disables caching.
-        extractor: the Inception to use on a cache miss; default the shipped TorchScript
-            (only loaded on a miss; the key uses its id without loading it).
-        spatial: also compute sFID statistics (images only).
-
-    Returns:
-        :class:`ReferenceStats`; ``cached`` tells whether the file already existed.
-    """
-    is_images = _is_images(images_or_features)
-    ext_id = extractor.extractor_id if extractor is not None else source_extractor_id()
-    key = reference_key(images_or_features, ext_id if is_images else "")
-    want_spatial = spatial and is_images
-    path = os.path.join(cache_dir, f"{CACHE_PREFIX}{key}.npz") if cache_dir is not None else None
-    if path is not None and os.path.isfile(path):
-        with np.load(path, allow_pickle=False) as z:
-            if NPZ_KEY in z.files and str(z[NPZ_KEY]) == key and (not want_spatial or NPZ_MU_SPATIAL in z.files):
-                loaded = _stats_from_npz(z, path)
-                return ReferenceStats(loaded.pool, loaded.spatial, key, path, cached=True)
-    if is_images:
-        if len(images_or_features) < MIN_SAMPLES_FOR_COV:
-            raise ValueError(f"reference statistics need at least {MIN_SAMPLES_FOR_COV} images")
-        extractor = extractor or InceptionFeatures()
-        out = extractor.extract(images_or_features, spatial=want_spatial, logits=False)
-        pool = FeatureStats.from_features(out.pool)
-        spatial_stats = FeatureStats.from_features(out.spatial) if want_spatial else None
-    else:
-        pool, spatial_stats = FeatureStats.from_features(np.asarray(images_or_features)), None
-    if path is not None:
-        save_stats_npz(path, pool, spatial_stats, **{NPZ_KEY: np.str_(key), NPZ_EXTRACTOR_ID: np.str_(ext_id)})
-    return ReferenceStats(pool, spatial_stats, key, path, cached=False)
-
-
 def _bad_npz(path: str, found) -> ValueError:
     return ValueError(
         f"{path}: not an ADM reference/sample .npz: expected arrays '{NPZ_MU}' and '{NPZ_SIGMA}' "
@@ -589,22 +505,18 @@ def _stats_from_npz(z, path: str) -> ReferenceStats:
     spatial = None
     if NPZ_MU_SPATIAL in z.files and NPZ_SIGMA_SPATIAL in z.files:
         spatial = stats(NPZ_MU_SPATIAL, NPZ_SIGMA_SPATIAL, NPZ_N_SPATIAL)
-    key = str(z[NPZ_KEY]) if NPZ_KEY in z.files else None
-    return ReferenceStats(pool, spatial, key, path, cached=True)
+    return ReferenceStats(pool, spatial, path)
 
 
-def load_reference_npz(
-    path: str, extractor: InceptionFeatures | None = None, cache_dir: str | None = None
-) -> ReferenceStats:
-    """Reference statistics from an ADM ``.npz``: ``mu``/``sigma`` (+ ``mu_s``/``sigma_s``), or ``arr_0`` images.
+def load_reference_npz(path: str) -> ReferenceStats:
+    """Reference statistics of an ADM ``.npz``: ``mu``/``sigma`` (+ ``mu_s``/``sigma_s``).
 
-    Precomputed statistics win when both are present (ADM's reference batches hold both).
-    Images are featurised with ``extractor`` (default: the shipped TorchScript), through
-    the cache when ``cache_dir`` is given.
+    A file of images only (``arr_0``) has no statistics to read: its features come from the
+    reference cache (:mod:`d2c.eval.reference`), which ``d2c evaluate`` fills.
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not an ``.npz``, or none of the expected arrays, or wrong shapes/dtype.
+        ValueError: not an ``.npz``, no statistics (naming what it holds), or wrong shapes.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"reference .npz not found: {path}")
@@ -617,21 +529,11 @@ def load_reference_npz(
     with z:
         files = list(z.files)
         if NPZ_MU in files and NPZ_SIGMA in files:
-            loaded = _stats_from_npz(z, path)
-            return ReferenceStats(loaded.pool, loaded.spatial, loaded.key, path, cached=True)
-        if NPZ_IMAGES not in files:
-            raise _bad_npz(path, files)
-        try:
-            images = z[NPZ_IMAGES]
-        except ValueError as e:  # object arrays (pickles) are refused
-            raise ValueError(f"{path}: '{NPZ_IMAGES}' cannot be read without pickle ({e})") from e
-    if images.dtype != np.uint8:
-        raise ValueError(f"{path}: '{NPZ_IMAGES}' must be uint8 images N x H x W x 3, got dtype {images.dtype}")
-    try:
-        image_layout(images.shape)
-    except ValueError as e:
-        raise ValueError(f"{path}: '{NPZ_IMAGES}': {e}") from e
-    return reference_stats(images, cache_dir, extractor)
+            return _stats_from_npz(z, path)
+    if NPZ_IMAGES in files:
+        raise ValueError(f"{path}: holds images ('{NPZ_IMAGES}') but no statistics; their features come from the "
+                         "reference cache (d2c.eval.reference, filled by d2c evaluate)")
+    raise _bad_npz(path, files)
 
 
 def save_samples_npz(path: str, images: np.ndarray | torch.Tensor, labels: np.ndarray | None = None) -> None:

@@ -14,7 +14,7 @@ When ``(n−1)k`` runs past the end of a class the shortfall policy decides:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -153,8 +153,10 @@ def select_class(
     """
     order = sort_class(group["score"].to_numpy(np.float64), group["image_id"].to_numpy())
     ordered = group.iloc[order].reset_index(drop=True)
-    if method == "d2c":
+    if method == "d2c" or not len(ordered):  # an empty class has no rows to choose from
         ranks, report = interval_ranks(len(ordered), n, k, shortfall, label)
+        if method != "d2c":
+            report = ClassSelection(label, 0, n, 0, None, None, report.note)
     else:
         if chooser is None:
             raise SelectionError(f"select.method={method!r} needs a chooser")
@@ -192,12 +194,20 @@ def select_table(
     """
     num_classes = int(scores["label"].max()) + 1 if num_classes is None else num_classes
     n = per_class_budget(budget, num_classes)
-    parts, reports = [], []
-    empty = scores.iloc[:0]
-    groups = {int(lbl): g for lbl, g in scores.groupby("label", sort=True)}
-    for label in range(num_classes):
-        sel, report = select_class(groups.get(label, empty), label, n, method, k, shortfall, chooser)
+    parts = []
+    found = {}
+    for lbl, group in scores.groupby("label", sort=True):
+        sel, found[int(lbl)] = select_class(group, int(lbl), n, method, k, shortfall, chooser)
         parts.append(sel)
-        reports.append(report)
+    reports = all_class_reports(found, num_classes, n, method, k, shortfall)
     table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=SELECTION_COLUMNS)
     return table[SELECTION_COLUMNS], reports
+
+
+def all_class_reports(found: Mapping[int, ClassSelection], num_classes: int, n: int, method: str, k: int,
+                      shortfall: str) -> list[ClassSelection]:
+    """One report per class 0..C-1: ``found`` ones as given, a class without scored rows as
+    :func:`select_class` reports an empty class (a SelectionError with ``shortfall="error"``)."""
+    empty = pd.DataFrame({"image_id": np.array([], object), "label": np.array([], np.int64),
+                          "score": np.array([], np.float64)})
+    return [found[c] if c in found else select_class(empty, c, n, method, k, shortfall)[1] for c in range(num_classes)]

@@ -1,4 +1,4 @@
-"""Training on a condensed set: the step, the data iterator, the plain single-process loop.
+"""Training on a condensed set: the step and the shape checks (the loop: :mod:`d2c.train.loop`).
 
 * :class:`Trainer` holds what one worker needs: the model, the objective, AdamW, the EMA,
   the precision helper, a ``torch.Generator`` (seeded by ``train.seed`` and the worker rank)
@@ -6,33 +6,19 @@
   ``load_state_dict`` carry everything a resume needs except the weights, which the
   checkpoint stores as safetensors. With ``train.sync_free`` its step never waits for the
   device (see :meth:`Trainer.train_step`).
-* :class:`CondensedBatches` is a deterministic, resumable batch iterator over an in-memory
-  condensed set. Its position is (epoch, batch index); the epoch's order AND its horizontal
-  flips are functions of (seed, epoch) alone, so that position restores the stream exactly.
 * :func:`check_shapes` refuses, before any training, a condensed set that does not fit the model.
-* :func:`train_loop` is the plain loop (the Ray Train path wraps the same Trainer).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from d2c.train.checkpoint import (
-    capture_rng_state,
-    latest_checkpoint,
-    load_checkpoint,
-    prune_checkpoints,
-    restore_rng_state,
-    save_checkpoint,
-)
+from d2c.train.checkpoint import capture_rng_state, restore_rng_state
 from d2c.train.compile import compile_blocks
 from d2c.train.ema import EMA
 from d2c.train.objective import D2CObjective, unwrap
@@ -40,9 +26,6 @@ from d2c.train.precision import Precision
 
 if TYPE_CHECKING:  # type-only: keeps this module importable without pydantic (GPU benchmarks)
     from d2c.config import TrainConfig
-
-#: Probability that a sample is shown horizontally flipped when train.hflip is on.
-HFLIP_PROB = 0.5
 
 
 def worker_seed(seed: int, rank: int) -> int:
@@ -312,241 +295,3 @@ def check_shapes(
         problems.append(f"labels: the data has label {max_label} but the model has {num_classes} classes")
     if problems:
         raise ShapeMismatchError("the condensed set does not fit the model:\n  " + "\n  ".join(problems))
-
-
-# ----------------------------------------------------------------------------------------------
-# The batch iterator
-# ----------------------------------------------------------------------------------------------
-
-
-class CondensedBatches:
-    """Deterministic, resumable batches of a condensed set held in memory.
-
-    Epoch ``e``'s random stream is ``numpy.random.default_rng([seed, e])``: it draws the
-    permutation of all rows, then one flip bit per row (``HFLIP_PROB``). Rank ``r`` of ``w``
-    takes the strided slice ``perm[r::w]``, cut to ``len(rows) // w`` so every rank has the
-    same number of batches; batch ``i`` is its ``i``-th slice of ``batch_size`` rows. The
-    position (epoch, index of the next batch) alone therefore restores the stream — flips
-    included — on any rank. A flipped row uses ``latent_flip`` (and ``visual_flip``): features
-    are never flipped here.
-
-    Args:
-        data: condensed columns as numpy arrays (:func:`d2c.data.condensed.read_condensed`):
-            ``label`` [N], ``latent`` [N, C, h, w], optional ``latent_flip``, ``visual`` [N, T, d],
-            ``visual_flip``.
-        batch_size: rows per batch on this rank.
-        seed: the data seed (``train.seed``).
-        hflip: use horizontal flips.
-        use_visual: put ``visual`` in the batches (the model has a projector).
-        text_emb: ``[num_classes, L, d]`` class text embeddings to gather per row, or None.
-        text_mask: ``[num_classes, L]`` their mask (None: all tokens valid).
-        rank, world_size: data-parallel sharding.
-        drop_last: drop a last incomplete batch of each epoch.
-        flip_prob: probability of a flip per row and epoch.
-
-    Yields (:meth:`next_batch`): ``latent`` float32 [B, C, h, w], ``label`` int64 [B], and as
-    configured ``visual`` [B, T, d] (stored dtype), ``text_emb`` float32 [B, L, d],
-    ``text_mask`` [B, L]; all CPU tensors.
-    """
-
-    def __init__(
-        self,
-        data: Mapping[str, np.ndarray],
-        batch_size: int,
-        seed: int,
-        hflip: bool = False,
-        use_visual: bool = False,
-        text_emb: Optional[np.ndarray | Tensor] = None,
-        text_mask: Optional[np.ndarray | Tensor] = None,
-        rank: int = 0,
-        world_size: int = 1,
-        drop_last: bool = True,
-        flip_prob: float = HFLIP_PROB,
-    ):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        for name in ("label", "latent"):
-            if name not in data:
-                raise ValueError(f"the condensed set has no {name!r} column")
-        needed = []
-        if use_visual:
-            needed.append("visual")
-        if hflip:
-            needed += ["latent_flip"] + (["visual_flip"] if use_visual else [])
-        missing = [n for n in needed if n not in data]
-        if missing:
-            raise ValueError(
-                f"the condensed set lacks {missing} needed for "
-                f"{'flips' if hflip else 'the projector'}; set train.hflip=false / model.use_visual=false "
-                "or re-run attach"
-            )
-        self.labels = np.asarray(data["label"], dtype=np.int64)
-        self.columns = {n: np.asarray(data[n]) for n in ["latent"] + needed}
-        self.num_rows = len(self.labels)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.hflip = hflip
-        self.flip_prob = flip_prob
-        self.use_visual = use_visual
-        self.text_emb = None if text_emb is None else torch.as_tensor(text_emb, dtype=torch.float32)
-        self.text_mask = None if text_mask is None else torch.as_tensor(text_mask)
-        if self.text_mask is not None and self.text_emb is None:
-            raise ValueError("text_mask given without text_emb")
-        if self.text_emb is not None and self.labels.size and self.labels.max() >= len(self.text_emb):
-            raise ValueError(
-                f"label {int(self.labels.max())} has no text embedding (there are {len(self.text_emb)} classes)"
-            )
-        self.rank = rank
-        self.world_size = world_size
-        self.drop_last = drop_last
-        self.rows_per_rank = self.num_rows // world_size
-        full, rest = divmod(self.rows_per_rank, batch_size)
-        self.batches_per_epoch = full + int(rest > 0 and not drop_last)
-        if self.batches_per_epoch == 0:
-            raise ValueError(
-                f"{self.num_rows} rows over {world_size} worker(s) give {self.rows_per_rank} per worker, "
-                f"fewer than one batch of {batch_size}; lower train.batch_size"
-            )
-        self.epoch = 0
-        self.index = 0
-        self._cached_epoch: Optional[int] = None
-        self._order: np.ndarray = np.empty(0, dtype=np.int64)
-        self._flips: np.ndarray = np.empty(0, dtype=bool)
-
-    def epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """This rank's row order ``[rows_per_rank]`` in ``epoch`` and the flip bit of every row ``[N]``."""
-        rng = np.random.default_rng([self.seed, epoch])
-        perm = rng.permutation(self.num_rows)
-        flips = rng.random(self.num_rows) < self.flip_prob if self.hflip else np.zeros(self.num_rows, dtype=bool)
-        order = perm[self.rank :: self.world_size][: self.rows_per_rank]
-        return order, flips
-
-    def _plan(self) -> None:
-        if self._cached_epoch != self.epoch:
-            self._order, self._flips = self.epoch_plan(self.epoch)
-            self._cached_epoch = self.epoch
-
-    def next_batch(self) -> dict[str, Tensor]:
-        """The batch at the current position; then advance it (into the next epoch at the end)."""
-        self._plan()
-        rows = self._order[self.index * self.batch_size : (self.index + 1) * self.batch_size]
-        flip = self._flips[rows]
-        batch = dict(label=torch.from_numpy(self.labels[rows]))
-        batch["latent"] = torch.from_numpy(self._pick("latent", rows, flip).astype(np.float32, copy=False))
-        if self.use_visual:
-            batch["visual"] = torch.from_numpy(self._pick("visual", rows, flip))
-        if self.text_emb is not None:
-            labels = batch["label"]
-            batch["text_emb"] = self.text_emb[labels]
-            if self.text_mask is not None:
-                batch["text_mask"] = self.text_mask[labels]
-        self.index += 1
-        if self.index == self.batches_per_epoch:
-            self.epoch, self.index = self.epoch + 1, 0
-        return batch
-
-    def _pick(self, name: str, rows: np.ndarray, flip: np.ndarray) -> np.ndarray:
-        """Rows of column ``name``, taken from ``name + "_flip"`` where ``flip`` is set."""
-        out = self.columns[name][rows]
-        if flip.any():
-            out = out.copy()
-            out[flip] = self.columns[f"{name}_flip"][rows[flip]]
-        return np.ascontiguousarray(out)
-
-    def __iter__(self) -> "CondensedBatches":
-        return self
-
-    def __next__(self) -> dict[str, Tensor]:
-        return self.next_batch()
-
-    def state_dict(self) -> dict[str, int]:
-        """The data position: ``{"epoch", "index"}`` (index = the next batch within the epoch)."""
-        return dict(epoch=self.epoch, index=self.index)
-
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        index = int(state["index"])
-        if not 0 <= index < self.batches_per_epoch:
-            raise ValueError(f"batch index {index} is outside this epoch's {self.batches_per_epoch} batches")
-        self.epoch, self.index = int(state["epoch"]), index
-
-
-# ----------------------------------------------------------------------------------------------
-# The plain loop
-# ----------------------------------------------------------------------------------------------
-
-
-def jsonl_logger(path: str | os.PathLike) -> Callable[[Mapping[str, Any]], None]:
-    """A ``log_fn`` appending one JSON line per call (``TRAIN/metrics.jsonl``)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-
-    def log(metrics: Mapping[str, Any]) -> None:
-        with open(target, "a") as f:
-            f.write(json.dumps(dict(metrics)) + "\n")
-
-    return log
-
-
-def save_training_state(
-    trainer: Trainer, batches: CondensedBatches, ckpt_dir: str | os.PathLike, meta: Mapping[str, Any]
-) -> Path:
-    """Checkpoint the trainer and the data position at ``trainer.step``."""
-    state = dict(trainer.state_dict(), data=batches.state_dict())
-    return save_checkpoint(ckpt_dir, trainer.step, trainer.module, trainer.ema.model, state, meta)
-
-
-def resume_latest(trainer: Trainer, batches: CondensedBatches, ckpt_dir: str | os.PathLike) -> Optional[Path]:
-    """Restore the newest checkpoint in ``ckpt_dir`` into ``trainer`` and ``batches``, if any."""
-    path = latest_checkpoint(ckpt_dir)
-    if path is None:
-        return None
-    position = trainer.restore(load_checkpoint(path, map_location=trainer.device))
-    if position:
-        batches.load_state_dict(position)
-    return path
-
-
-def train_loop(
-    trainer: Trainer,
-    batches: CondensedBatches,
-    steps: int,
-    ckpt_dir: Optional[str | os.PathLike] = None,
-    ckpt_every: Optional[int] = None,
-    log_fn: Optional[Callable[[Mapping[str, Any]], None]] = None,
-    meta: Optional[Mapping[str, Any]] = None,
-    keep: Optional[int] = None,
-    log_every: int = 1,
-) -> Optional[dict[str, float]]:
-    """Train until ``trainer.step == steps`` (a resumed trainer continues from its step).
-
-    Args:
-        trainer, batches: positioned where training should continue.
-        steps: the total step count to reach.
-        ckpt_dir: where to checkpoint (None: never); a checkpoint is written every
-            ``ckpt_every`` steps and at the end.
-        log_fn: called with each logged step's metrics plus ``epoch`` (of that step's batch).
-        meta: :func:`~d2c.train.checkpoint.checkpoint_meta` (required with ``ckpt_dir``).
-        keep: prune to the newest ``keep`` checkpoints after each save (None: keep all).
-        log_every: call ``log_fn`` every this many steps (and at the last).
-    Returns:
-        the last step's metrics (None if no step was run).
-    """
-    if ckpt_dir is not None and meta is None:
-        raise ValueError("train_loop needs meta (checkpoint_meta(...)) to write checkpoints")
-    metrics = None
-    while trainer.step < steps:
-        epoch = batches.epoch
-        metrics = trainer.train_step(batches.next_batch())
-        metrics["epoch"] = float(epoch)
-        last = trainer.step == steps
-        if last or (log_fn is not None and trainer.step % log_every == 0):
-            metrics = {k: float(v) for k, v in metrics.items()}  # with sync_free: the one host sync
-        if log_fn is not None and (trainer.step % log_every == 0 or last):
-            log_fn(metrics)
-        if ckpt_dir is not None and ((ckpt_every and trainer.step % ckpt_every == 0) or last):
-            save_training_state(trainer, batches, ckpt_dir, meta)
-            if keep is not None:
-                prune_checkpoints(ckpt_dir, keep)
-    return metrics

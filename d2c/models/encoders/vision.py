@@ -35,9 +35,9 @@ UNIT_RANGE_TOLERANCE = 1e-3
 RGB_CHANNELS = 3
 
 # EfficientNet-Lite was trained in TensorFlow with "inception-style" normalisation on
-# 0..255 pixels, (x - 127) / 128, chosen for post-quantisation (tensorflow/tpu
-# efficientnet/lite/efficientnet_lite_builder.py: MEAN_RGB / STDDEV_RGB). The PyTorch
-# weights are converted from those checkpoints, so they keep it.
+# 0..255 pixels, (x - 127) / 128, chosen for post-quantisation (the MEAN_RGB / STDDEV_RGB of
+# the TensorFlow TPU models' EfficientNet-Lite builder). The PyTorch weights are converted
+# from those checkpoints, so they keep it.
 EFFICIENTNET_LITE_MEAN_255 = 127.0
 EFFICIENTNET_LITE_STD_255 = 128.0
 EFFICIENTNET_LITE0_NAME = "efficientnet-lite0"

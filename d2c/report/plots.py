@@ -1,6 +1,6 @@
 """The figures of ``d2c report``: matplotlib (Agg canvas, no pyplot state) → PNG data URIs.
 
-Every function takes plain pandas/numpy inputs that :mod:`app.report` has already read
+Every function takes plain pandas/numpy inputs that :mod:`d2c.report.page` has already read
 from the artifacts and returns a ``matplotlib.figure.Figure``; :func:`to_data_uri`
 renders one to an embeddable ``data:image/png;base64,…`` string (:func:`png_data_uri` and
 :func:`fit_png` do the same for ready-made PNGs, such as an evaluation's sample grid). Nothing here

@@ -29,7 +29,7 @@ FID_MATCH_RTOL = 1e-4
 
 
 def _metrics(eval_dir: Path) -> dict[str, Any]:
-    from app.evaluate import METRICS_FILE
+    from d2c.eval.artifacts import METRICS_FILE
 
     path = eval_dir / METRICS_FILE
     if not path.is_file():
@@ -63,7 +63,7 @@ def compare_evals(eval_a: str | Path, eval_b: str | Path, rounds: int = DEFAULT_
         ConfigError: a directory is not a complete evaluation, the two used different
             references, or ``features.npz`` does not match ``metrics.json``.
     """
-    from app.evaluate import bootstrap_reference, load_features
+    from d2c.eval.artifacts import bootstrap_reference, load_features
     from d2c.eval.bootstrap import fid_difference_interval, fid_value
 
     dirs = (Path(eval_a), Path(eval_b))
@@ -112,7 +112,7 @@ def describe(result: dict[str, Any]) -> str:
 def run_compare(eval_a: str, eval_b: str, rounds: int = DEFAULT_BOOTSTRAP_ROUNDS, level: float = DEFAULT_BOOTSTRAP_LEVEL,
                 seed: int = 0, out: Optional[str] = None) -> int:
     """``d2c compare``: print the comparison (and write it to ``out`` as JSON); returns an exit code."""
-    from app.stages import write_json_atomic
+    from d2c.storage import write_json_atomic
 
     if not 0.0 < level < 1.0:
         raise ConfigError(f"--level {level} must be in (0, 1), e.g. 0.95")

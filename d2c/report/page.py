@@ -42,7 +42,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from app import report_plots as plots
+from d2c.eval.artifacts import HOW
+from d2c.report import plots
 
 # ---------------------------------------------------------------------------
 # What the page shows (display choices, not method settings)
@@ -78,15 +79,15 @@ MARKERS: dict[str, tuple[str, ...]] = {
     "sweep": ("results.csv", "results.parquet"),
 }
 
-#: metrics.json quality numbers: (display name, accepted keys, how it is computed).
+#: metrics.json quality numbers: (display name, accepted keys, how it is computed: d2c evaluate's own
+#: description, the one metrics.json carries as ``how``).
 METRICS: tuple[tuple[str, tuple[str, ...], str], ...] = (
-    ("FID ↓", ("fid",), "Fréchet distance between Gaussian fits of Inception-v3 pool features (2048-d) of the samples and of the reference set"),
-    ("KID ↓", ("kid_mean", "kid"),
-     "kernel inception distance: unbiased MMD² with a cubic polynomial kernel on the same features, mean ± std over random subsets"),
-    ("precision ↑", ("precision",), "share of samples inside the reference set's k-NN feature manifold (Kynkäänniemi et al. 2019)"),
-    ("recall ↑", ("recall",), "share of reference images inside the samples' k-NN feature manifold"),
-    ("sFID ↓", ("sfid",), "FID on Inception mixed_6/conv spatial features (ADM evaluator)"),
-    ("IS ↑", ("is_mean", "is", "inception_score"), "Inception score of the samples (needs the classifier head)"),
+    ("FID ↓", ("fid",), HOW["fid"]),
+    ("KID ↓", ("kid_mean", "kid"), HOW["kid_mean"]),
+    ("precision ↑", ("precision",), HOW["precision"]),
+    ("recall ↑", ("recall",), HOW["recall"]),
+    ("sFID ↓", ("sfid",), HOW["sfid"]),
+    ("IS ↑", ("is_mean", "is", "inception_score"), HOW["is_mean"]),
 )
 #: Accepted metrics.json keys of the facts every number needs.
 SAMPLER_KEYS = ("sampler",)
@@ -580,7 +581,7 @@ def _demo_variants(demo: Demo, loader: _Loader) -> list[Variant]:
     if not isinstance(runs, Mapping) or not runs:
         demo.missing.append(f"{demo.path / 'demo.json'}: no 'runs'")
         return []
-    from app.variants import VARIANTS
+    from d2c.variants import VARIANTS
 
     order = list(VARIANTS)  # D2C first, then its baselines, as the demo ran them; unknown names last
     out = []
@@ -1207,8 +1208,8 @@ LIMITS = ("One demo run is one training seed per variant. Its bootstrap interval
 
 
 def display_name(name: str) -> str:
-    """A variant's human-readable name (app.variants.LABELS), else its own."""
-    from app.variants import LABELS  # imported here: it loads the config models, which the rest of the page does not need
+    """A variant's human-readable name (d2c.variants.LABELS), else its own."""
+    from d2c.variants import LABELS  # imported here: it loads the config models, which the rest of the page does not need
 
     return LABELS.get(name, name)
 
@@ -1340,7 +1341,7 @@ def sample_grids(variants: Sequence[Variant]) -> Html:
                      f" · FID {esc(_metric_cell(v.eval, METRICS[0][1]) if v.eval.metrics else '—')}<br>{esc(src)}</figcaption></figure>")
     if not cells:
         return missing_box(missing or ["no sample grids"])
-    # Equal eval.seed and N draw the same labels and noise in the same order (app.compare's pairing), so cell i matches across grids.
+    # Equal eval.seed and N draw the same labels and noise in the same order (d2c.eval.compare's pairing), so cell i matches across grids.
     drawn = {(eval_value(v.eval, ("seed",))[1], eval_value(v.eval, N_KEYS)[1]) for v in variants if v.eval is not None and v.eval.metrics}
     same = (" The variants share eval.seed and N, so the same cell of each grid started from the same noise and class label: "
             "the differences are the models'." if len(drawn) == 1 and None not in next(iter(drawn)) else "")
