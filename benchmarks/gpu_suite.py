@@ -123,7 +123,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from d2c.diffusion.ddpm import DDPMSchedule  # noqa: E402
-from d2c.models.dit import DIT_CONFIGS, FREQUENCY_EMBEDDING_SIZE, NORM_EPS, DCEmbedding, DiT, DiTOutput  # noqa: E402
+from d2c.models.dit import DIT_CONFIGS, FREQUENCY_EMBEDDING_SIZE, NORM_EPS, DiT, DiTOutput  # noqa: E402
 from d2c.models.encoders.autoencoder import SD_VAE_SCALING_FACTOR  # noqa: E402
 from d2c.select.score import difficulty_scores, image_noise, scores_from_noise, stratified_timesteps  # noqa: E402
 from d2c.train.objective import ARCH_SIT, D2CObjective  # noqa: E402
@@ -577,18 +577,8 @@ class FusedAdaLNDiT(nn.Module):
         """As :meth:`DiT.forward`: ``x`` ``[N, C, H, W]``, ``t`` ``[N]``, ``y`` ``[N]`` → ``[N, C_out, H, W]``
         or ``DiTOutput(out, proj [N, T, P])``."""
         net = self.module
-        if (text_emb is None) != (net.text_dim is None):
-            raise ValueError("text_emb is required when the model has text_dim and forbidden otherwise")
         want_proj = net.projector is not None or return_hidden
-        drop = net.drop_mask(y, force_drop_ids, generator)
-        if drop is not None:
-            y = torch.where(drop, torch.full_like(y, net.num_classes), y)
-        h = net.x_embedder(x) + net.pos_embed  # [N, T, D]
-        c = net.t_embedder(t)  # [N, D]
-        if isinstance(net.y_embedder, DCEmbedding):
-            c = c + net.y_embedder(y, text_emb, text_mask, null=y == net.num_classes)
-        else:
-            c = c + net.y_embedder(y)
+        h, c = net.embed_inputs(x, t, y, text_emb, text_mask, force_drop_ids, generator)  # [N, T, D], [N, D]
         blocks = net.blocks
         ada = [b.adaLN_modulation[1] for b in blocks] + [net.final_layer.adaLN_modulation[1]]
         weight = torch.cat([m.weight for m in ada])  # [(6·depth + 2)·D, D]

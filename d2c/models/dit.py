@@ -522,6 +522,35 @@ class DiT(nn.Module):
             return (u < self.class_dropout_prob).to(y.device)
         return None
 
+    def embed_inputs(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        text_emb: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        force_drop_ids: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocks' inputs: tokens ``patchify(x) + pos_embed`` ``[N, T, D]`` and the condition
+        ``c = t_emb(t) + y_emb(y')`` ``[N, D]``, where ``y'`` is ``y`` with the dropped labels
+        (:meth:`drop_mask`) set to the null class (arguments as :meth:`forward`)."""
+        if (text_emb is None) != (self.text_dim is None):
+            raise ValueError(
+                "text_emb is required when the model has text_dim and forbidden otherwise "
+                f"(text_dim={self.text_dim}, text_emb given: {text_emb is not None})"
+            )
+        drop = self.drop_mask(y, force_drop_ids, generator)
+        if drop is not None:
+            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        tokens = self.x_embedder(x) + self.pos_embed  # [N, T, D]
+        t_emb = self.t_embedder(t)  # [N, D]
+        if isinstance(self.y_embedder, DCEmbedding):
+            y_emb = self.y_embedder(y, text_emb, text_mask, null=y == self.num_classes)  # [N, D]
+        else:
+            y_emb = self.y_embedder(y)  # [N, D]
+        return tokens, t_emb + y_emb
+
     def forward(
         self,
         x: torch.Tensor,
@@ -551,26 +580,10 @@ class DiT(nn.Module):
             is False (official behaviour); otherwise ``DiTOutput(out, proj)`` with ``proj``
             ``[N, T, proj_dim]`` (or ``[N, T, D]`` without a projector).
         """
-        if (text_emb is None) != (self.text_dim is None):
-            raise ValueError(
-                "text_emb is required when the model has text_dim and forbidden otherwise "
-                f"(text_dim={self.text_dim}, text_emb given: {text_emb is not None})"
-            )
         want_proj = self.projector is not None or return_hidden
         if want_proj and not 1 <= self.encoder_depth <= len(self.blocks):
             raise ValueError(f"encoder_depth {self.encoder_depth} is outside [1, {len(self.blocks)}]")
-
-        drop = self.drop_mask(y, force_drop_ids, generator)
-        if drop is not None:
-            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
-
-        x = self.x_embedder(x) + self.pos_embed  # [N, T, D]
-        t_emb = self.t_embedder(t)  # [N, D]
-        if isinstance(self.y_embedder, DCEmbedding):
-            y_emb = self.y_embedder(y, text_emb, text_mask, null=y == self.num_classes)  # [N, D]
-        else:
-            y_emb = self.y_embedder(y)  # [N, D]
-        c = t_emb + y_emb  # [N, D]
+        x, c = self.embed_inputs(x, t, y, text_emb, text_mask, force_drop_ids, generator)
 
         hidden = None
         for i, block in enumerate(self.blocks):
