@@ -112,10 +112,8 @@ class DataConfig(_Section):
     decode_num_cpus: float = Field(0.25, gt=0)
     #: Ray Data's Parquet reader for every table d2c reads back (scores, features, condensed
     #: sets). "v1": planned from the files' metadata by the reading process. "v2" (Ray 2.60's
-    #: default): lists files through a pool of footer-reading actors (32 unless
-    #: RAY_DATA_PARQUET_FOOTER_NUM_ACTORS says otherwise), one new worker process each, on
-    #: every read; on a 2-core machine that made a 2-file read 3.3x (cold) to 10.5x (warm) slower
-    #: (benchmarks/parquet_read.py, BENCHMARKS.md).
+    #: default): lists files through a pool of footer-reading actors, one new worker process
+    #: each, on every read; slower for d2c's small tables (benchmarks/parquet_read.py).
     parquet_reader: Literal["v1", "v2"] = "v1"
 
 
