@@ -128,8 +128,8 @@ def test_bad_inputs_are_refused():
 
 def test_evaluate_computes_the_bootstrap_only_where_it_is_cheap_unless_told(tmp_path):
     """eval.bootstrap_rounds: None = 200 rounds on the fast route, skipped (with the reason) above it; 0 = off."""
-    from app.evaluate import fid_bootstrap
     from d2c.eval.artifacts import STATS_FROM_FILE
+    from d2c.eval.plan import fid_bootstrap
     from d2c.config import load_config
 
     ref = _feats(40, 8, 10)

@@ -418,7 +418,8 @@ def test_adm_reference_npz(ray_session, tmp_path, monkeypatch):
     """An ADM .npz reference: arr_0 images featurised by the Ray Inception pool (cached); mu/sigma used as given."""
     if not FMNIST.is_dir():
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-    from app.evaluate import check_reference, reference_statistics
+    from app.evaluate import reference_statistics
+    from d2c.eval.plan import check_reference
     from d2c.data.fashion_mnist import load_fashion_mnist
     from d2c.data.preprocess import pad_to
     from d2c.eval.inception import InceptionFeatures, extractor_id

@@ -2,7 +2,6 @@
 listed and decoded by the product's own parquet listing and decode body."""
 
 import sys
-from pathlib import Path
 
 import numpy as np
 
