@@ -27,17 +27,9 @@ from typing import Any, Optional
 import pandas as pd
 import pyarrow as pa
 
-from app.condense import (
-    RunDir,
-    attach_stage,
-    feature_settings,
-    prepare_features,
-    resolve_scorer,
-    reused_scores,
-    score_stage,
-    select_stage,
-)
+from app.condense import attach_stage, prepare_features, resolve_scorer, reused_scores, score_stage, select_stage
 from app.ray_session import check_shared_storage, init_ray, quiet_data_context
+from d2c.condense import RunDir, feature_settings
 from d2c.config import ConfigError, D2CConfig, apply_overrides, build_config, check_paths
 from d2c.data.source import Listing, list_source
 from d2c.rundir import StageDir

@@ -35,8 +35,9 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.condense import RunDir, score_stage  # noqa: E402
+from app.condense import score_stage  # noqa: E402
 from app.ray_session import init_ray, quiet_data_context  # noqa: E402
+from d2c.condense import RunDir  # noqa: E402
 from d2c.config import load_config  # noqa: E402
 from d2c.data.preprocess import pad_to, to_model_tensor  # noqa: E402
 from d2c.data.source import list_source  # noqa: E402

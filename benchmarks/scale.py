@@ -125,8 +125,9 @@ def scale_config(source: Path, run_dir: Path, scorer: str, classes: int, extra: 
 
 def run_size(rows: int, work: Path, extra: list[str], classes: int = syn.IMAGENET_CLASSES) -> list[dict[str, Any]]:
     """Every stage at ``rows`` rows over ``classes`` classes; returns their result rows."""
-    from app.condense import RunDir, attach_stage, score_stage, select_stage
+    from app.condense import attach_stage, score_stage, select_stage
     from app.ray_session import init_ray, quiet_data_context
+    from d2c.condense import RunDir
     from d2c.data.source import list_source
 
     per_class = max(1, rows // classes)

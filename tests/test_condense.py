@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from app.condense import RunDir, run_condense
+from app.condense import run_condense
+from d2c.condense import RunDir
 from d2c.attach.text import load_text_embeddings
 from d2c.config import ConfigError, load_config
 from d2c.data.condensed import read_condensed

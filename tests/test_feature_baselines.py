@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from app.condense import RunDir, run_condense, selection_settings
+from app.condense import run_condense
+from d2c.condense import RunDir, selection_settings
 from conftest import FMNIST, ROOT, TINY_MODEL, tiny_cfg
 from d2c.config import ConfigError, load_config
 from d2c.models.build import build_model
@@ -83,7 +84,7 @@ def test_feature_methods_need_a_vision_encoder():
 
 
 def test_a_scored_image_without_a_feature_is_an_error_not_a_skip():
-    from app.condense import split_features
+    from d2c.condense import split_features
     from d2c.select.interval import SelectionError
 
     feature = np.ones(3, np.float32)

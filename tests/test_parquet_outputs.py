@@ -8,7 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.dataset as pds
 
-from app.condense import OLD_REPORTS_FILE, REPORTS_FILE, RunDir, select_stage
+from app.condense import select_stage
+from d2c.condense import OLD_REPORTS_FILE, REPORTS_FILE, RunDir
 
 
 def read_both(path: Path) -> pd.DataFrame:

@@ -349,7 +349,8 @@ def test_stages_refuse_node_local_storage_on_a_multi_node_cluster(two_alive_node
 
 
 def test_condense_and_train_on_file_uris(condensed_run, scorer_ckpt, tmp_path, capsys):
-    from app.condense import RunDir, run_condense
+    from app.condense import run_condense
+    from d2c.condense import RunDir
     from app.train import run_train
     from d2c.train.checkpoint import latest_checkpoint
 
@@ -486,7 +487,7 @@ print("=== s3 driver done", flush=True)
 def test_condense_train_evaluate_sweep_in_an_s3_bucket(moto_s3, condensed_run, scorer_ckpt, tmp_path):
     if not FMNIST.is_dir():
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-    from app.condense import RunDir
+    from d2c.condense import RunDir
     from d2c.attach.text import load_text_embeddings
     from d2c.data.condensed import read_condensed
     from d2c.train.checkpoint import CHECKPOINT_FILES

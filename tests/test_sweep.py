@@ -82,7 +82,7 @@ def test_two_by_two_sweep_end_to_end(condensed_run, scorer_ckpt, tmp_path, capsy
 
 
 def test_feature_baselines_sweep_encodes_once(condensed_run, scorer_ckpt, tmp_path, capsys):
-    from app.condense import RunDir
+    from d2c.condense import RunDir
     from d2c.select.baselines import herding, kcenter_greedy
 
     run, _ = condensed_run
