@@ -32,11 +32,12 @@ import pyarrow as pa
 from app.metrics import record
 from app.ray_session import check_shared_storage, init_ray, quiet_data_context
 from app.resources import check_placement
-from app.stages import ActorStep, ProgressLine, StageTimer, actor_device, actor_pipeline, listing_table
+from app.stages import ActorStep, ProgressLine, StageTimer, actor_device, actor_pipeline
 from d2c.condense import (FEATURE_COLUMN, GATE_FILE, REPORTS_FILE, RunDir, attach_settings, check_finite_scores,
                           feature_settings, features_manifest, read_reports, score_settings, scores_summary, select_group,
                           selection_settings, selection_sha, unusable_features)
 from d2c.config import ConfigError, D2CConfig, DataConfig, build_config, check_paths
+from d2c.data.blocks import listing_table
 from d2c.data.condensed import to_arrow
 from d2c.data.source import Listing, list_source
 from d2c.select.interval import SELECTION_COLUMNS, ClassSelection, SelectionError, all_class_reports, check_feasible, per_class_budget

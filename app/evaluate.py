@@ -36,16 +36,17 @@ import numpy as np
 
 from app.ray_session import check_shared_storage, init_ray, quiet_data_context
 from app.resources import check_placement
-from app.stages import ProgressLine, StageTimer, actor_device, decoded, listing_table, table_blocks
+from app.stages import ProgressLine, StageTimer, actor_device, decoded
 from d2c.config import ConfigError, D2CConfig, DataConfig, build_config, check_model_path
+from d2c.data.blocks import listing_table, table_blocks
 from d2c.eval.artifacts import (EVAL_FORMAT, FEATURES_FILE, GRIDS_DIR, HOW, METRICS_FILE, SAMPLES_FILE,
-                                 STATS_FROM_FEATURES, STATS_FROM_FILE, cache_root, save_features)
+                                 STATS_FROM_FEATURES, STATS_FROM_FILE, save_features)
 from d2c.eval.plan import (SPLIT_REFERENCES, balanced_reference_rows, check_reference, class_names,
                            compute_all_metrics, eval_dir_of, eval_settings, fid_bootstrap, inception_source, reference_id,
                            resolve_eval_checkpoint, sampling_plan, text_embeddings_path)
 from d2c.eval.reference import (NPZ_POOL_FEATURES, NPZ_SPATIAL_FEATURES, cache_file, cached_features, cached_stats,
                                  dataset_reference_key, npz_reference_key, read_npz_images)
-from d2c.rundir import StageDir, StageSettingsError, versions
+from d2c.rundir import StageDir, StageSettingsError, cache_root, versions
 from d2c.storage import Location, location, write_json_atomic
 
 

@@ -19,9 +19,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -31,9 +29,12 @@ import numpy as np
 
 from app.metrics import record
 from app.ray_session import check_shared_storage, init_ray, quiet_data_context, quiet_train_worker, train_logging_config
-from app.stages import ActorStep, ProgressLine, actor_device, actor_pipeline, add_image_key, image_keys, listing_table
+from app.stages import ActorStep, ProgressLine, actor_device, actor_pipeline
 from d2c.config import ConfigError, D2CConfig, build_config, check_paths
+from d2c.data.blocks import add_image_key, image_keys, listing_table
+from d2c.condense import manifest_class_names
 from d2c.rundir import SUCCESS_FILE, StageDir
+from d2c.train.loop import check_batch_fits, train_dir_of
 from d2c.storage import JsonlLog, Location, append_line, location
 
 #: Start/restore events of the workers (one JSON line each), beside metrics.jsonl.
@@ -46,21 +47,9 @@ SHUFFLE_BATCHES = 4
 METRICS_FLUSH_S = 30.0
 
 
-def train_dir_of(cfg: D2CConfig) -> Location:
-    """``train_dir``, default ``run_dir/train`` (a local path or a storage URI)."""
-    return location(cfg.train_dir) if cfg.train_dir else location(cfg.run_dir) / "train"
-
-
 # ------------------------------------------------------------------------------------
 # Inputs: condensed set or full dataset → Ray Dataset + what the model needs
 # ------------------------------------------------------------------------------------
-
-
-def _class_names(condensed: Location) -> Optional[list[str]]:
-    manifest = condensed.parent / "manifest.json"
-    if manifest.is_file():
-        return json.loads(manifest.read_text()).get("class_names")
-    return None
 
 
 def condensed_inputs(cfg: D2CConfig) -> dict[str, Any]:
@@ -91,7 +80,7 @@ def condensed_inputs(cfg: D2CConfig) -> dict[str, Any]:
         text = (emb, mask)
         num_classes = emb.shape[0]
     else:
-        names = _class_names(path)
+        names = manifest_class_names(path)
         num_classes = len(names) if names else None
     read_path, read_fs = path.for_ray()
     ds = ray.data.read_parquet(read_path, filesystem=read_fs)
@@ -264,19 +253,6 @@ def worker_resources(cfg: D2CConfig) -> dict[str, float]:
     return resources
 
 
-def check_batch_fits(rows: int, batch_size: int, num_workers: int, what: str) -> None:
-    """Refuse a set that gives a worker less than one batch (its epochs would hold no batch)."""
-    per_worker = max(1, batch_size // num_workers)
-    if rows // num_workers >= per_worker:
-        return
-    most = rows // num_workers * num_workers
-    if most == 0:
-        raise ConfigError(f"train: {what} has {rows} rows for train.num_workers={num_workers}: "
-                          f"use at most train.num_workers={max(rows, 1)}")
-    raise ConfigError(f"train: {what} has {rows} rows, fewer than one batch per worker (train.batch_size={batch_size} "
-                      f"over train.num_workers={num_workers} = {per_worker} rows each); set train.batch_size to at most {most}")
-
-
 def fit(cfg: D2CConfig, train_dir: str | Path | Location, full: bool, holdout: int = 0) -> Optional[Location]:
     """Build the inputs and run the TorchTrainer; returns the latest checkpoint's location.
     ``holdout``: with ``full``, leave out the scorer gate's held-out rows."""
@@ -380,41 +356,13 @@ def run_train(cfg: D2CConfig) -> int:
 # ------------------------------------------------------------------------------------
 
 
-def scorer_cache_root() -> Path:
-    return Path(os.environ.get("D2C_CACHE_DIR", Path.home() / ".cache" / "d2c")) / "scorers"
-
-
-def scorer_settings(cfg: D2CConfig) -> dict[str, Any]:
-    """What the embedded scorer depends on (its cache key)."""
-    return {
-        "data": {k: getattr(cfg.data, k) for k in ("source", "path", "split", "image_size", "channels", "preprocess", "max_per_class")},
-        "autoencoder": cfg.autoencoder.settings(),
-        "diffusion": cfg.diffusion.model_dump(),
-        "model": {k: getattr(cfg.model, k) for k in ("size", "hidden_size", "depth", "num_heads", "patch_size", "mlp_ratio", "class_dropout_prob")},
-        "steps": cfg.score.scorer_train_steps,
-        "holdout_rows": cfg.score.gate_rows,
-        "ema_warmup": True,
-        "train": {k: getattr(cfg.train, k) for k in ("batch_size", "lr", "beta1", "beta2", "weight_decay", "clip_norm", "ema_decay", "seed")},
-    }
-
-
-def scorer_config(cfg: D2CConfig, out: Path) -> D2CConfig:
-    """The config that trains the embedded scorer: DiT, ε-prediction, full data, no attach."""
-    raw = cfg.to_dict()
-    raw["data"]["full"] = True
-    raw["model"].update(arch="dit", learn_sigma=False, use_text=False, use_visual=False)
-    raw["train"].update(steps=cfg.score.scorer_train_steps, num_workers=1, hflip=False, proj_coeff=0.0,
-                        ckpt_every=max(1, cfg.score.scorer_train_steps // 4))
-    raw["train_dir"] = str(out)
-    return build_config(raw)
-
-
 def ensure_embedded_scorer(cfg: D2CConfig) -> Path:
     """The cached embedded scorer for ``cfg`` — trained from scratch first if missing."""
-    settings = scorer_settings(cfg)
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    out = scorer_cache_root() / key
+    from d2c.select.scorer import embedded_scorer_dir, scorer_config, scorer_settings
     from d2c.train.checkpoint import latest_checkpoint
+
+    settings = scorer_settings(cfg)
+    out = embedded_scorer_dir(cfg)
 
     stage = StageDir(out, settings, "the embedded scorer cache")
     if stage.complete and latest_checkpoint(out / "checkpoints") is not None:

@@ -263,7 +263,7 @@ def training_differences(ref: Path, got: Path, steps: int) -> list[str]:
 def sweep_differences(ref: Path, got: Path) -> list[str]:
     import pandas as pd
 
-    from app.sweep import RESULTS_CSV
+    from d2c.sweep import RESULTS_CSV
 
     a, b = pd.read_csv(ref / RESULTS_CSV), pd.read_csv(got / RESULTS_CSV)
     keep = [c for c in a.columns if c not in SWEEP_RUN_COLUMNS and not c.startswith("config/")]

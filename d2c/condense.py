@@ -214,3 +214,9 @@ def features_manifest(features_dir: Optional[Location]) -> Optional[dict[str, An
     if features_dir is None:
         return None
     return {"dir": str(features_dir), "settings": json.loads((features_dir / SETTINGS_FILE).read_text())}
+
+
+def manifest_class_names(condensed: str | Location) -> Optional[list[str]]:
+    """The class names in the manifest beside a condensed set (``RUN/manifest.json``), or None."""
+    manifest = location(condensed).parent / "manifest.json"
+    return manifest.read_json().get("class_names") if manifest.is_file() else None

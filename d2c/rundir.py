@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any, Optional
 
 from d2c.storage import Location, location
@@ -24,6 +25,16 @@ SUCCESS_FILE = "_SUCCESS"
 #: Packages whose versions a stage records beside its outputs.
 VERSIONED_PACKAGES = ("d2c", "torch", "ray", "numpy", "pyarrow", "pandas", "diffusers", "transformers", "timm",
                       "torch-fidelity")
+
+
+#: Environment variable of the root of d2c's caches (embedded scorers, FID references), and its default.
+CACHE_ENV = "D2C_CACHE_DIR"
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "d2c"
+
+
+def cache_root() -> Path:
+    """``$D2C_CACHE_DIR`` or ``~/.cache/d2c``."""
+    return Path(os.environ.get(CACHE_ENV, DEFAULT_CACHE_DIR))
 
 
 class StageSettingsError(ValueError):

@@ -98,7 +98,7 @@ def test_a_scored_image_without_a_feature_is_an_error_not_a_skip():
 
 
 def test_baselines_sweep_config_runs_every_method_on_one_feature_setting():
-    from app.sweep import grid_points, sweep_feature_config
+    from d2c.sweep import grid_points, sweep_feature_config
     from d2c.data.source import Listing
 
     cfg = load_config(ROOT / "tune_configs" / "baselines.yaml")

@@ -112,7 +112,7 @@ def test_an_epoch_without_a_batch_raises_instead_of_spinning():
 
 
 def test_check_batch_fits():
-    from app.train import check_batch_fits
+    from d2c.train.loop import check_batch_fits
 
     check_batch_fits(64, 64, 1, "x")
     check_batch_fits(64, 64, 2, "x")

@@ -7,11 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from app.sweep import (FID_PLOT, RESULTS_CSV, SWEEP_CONTEXT, grid_points, interval_used, prepare_scores, run_sweep,
-                       trial_name)
+from app.sweep import prepare_scores, run_sweep
 from conftest import tiny_cfg
 from d2c.config import ConfigError
 from d2c.data.source import list_source
+from d2c.sweep import FID_PLOT, RESULTS_CSV, SWEEP_CONTEXT, grid_points, interval_used, trial_name
 
 
 def _sweep_cfg(run, scorer, sweep_dir, *extra):

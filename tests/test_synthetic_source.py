@@ -14,7 +14,7 @@ import synthetic_imagenet as syn  # noqa: E402
 
 
 def test_the_synthetic_table_lists_and_decodes_as_written(tmp_path):
-    from app.stages import decode_batch, listing_table
+    from d2c.data.blocks import decode_batch, listing_table
 
     info = syn.write_source(tmp_path / "src", classes=5, per_class=4, size=32, rows_per_file=8)
     assert info["rows"] == 20 and info["files"] == 3  # 2 whole classes per file

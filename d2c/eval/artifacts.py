@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import numpy as np
 
 from d2c.config import ConfigError
 from d2c.eval.reference import NPZ_POOL_FEATURES, NPZ_REF_LABELS, load_cached
+from d2c.rundir import CACHE_ENV
 from d2c.storage import Location
 
 #: Format tag of metrics.json.
@@ -27,9 +27,6 @@ FEATURES_FILE = "features.npz"
 NPZ_GEN_POOL = "pool"
 NPZ_GEN_LABELS = "label"
 GRIDS_DIR = "grids"
-#: Environment variable of the cache root, and its default.
-CACHE_ENV = "D2C_CACHE_DIR"
-DEFAULT_CACHE_DIR = Path.home() / ".cache" / "d2c"
 #: reference.statistics in metrics.json: the FID's reference statistics come from the cached
 #: features (a split, or an ADM .npz's arr_0) or from the ADM file's own mu/sigma.
 STATS_FROM_FEATURES = "features"
@@ -97,11 +94,6 @@ HOW: dict[str, str] = {
     "timing.bootstrap_s": "wall seconds of the fid_bootstrap rounds",
     "timing.total_s": "wall seconds of the whole evaluate run",
 }
-
-
-def cache_root() -> Path:
-    """``$D2C_CACHE_DIR`` or ``~/.cache/d2c``."""
-    return Path(os.environ.get(CACHE_ENV, DEFAULT_CACHE_DIR))
 
 
 def bootstrap_reference(info: dict[str, Any]):

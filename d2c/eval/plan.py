@@ -278,8 +278,7 @@ def class_names(meta: dict[str, Any], text_path: Optional[Location]) -> Optional
 
         with text_path.local_copy() as local_text:
             return load_text_embeddings(local_text)[2] or None
+    from d2c.condense import manifest_class_names
+
     condensed = (meta.get("config") or {}).get("condensed")
-    manifest = location(condensed).parent / "manifest.json" if condensed else None
-    if manifest is not None and manifest.is_file():
-        return json.loads(manifest.read_text()).get("class_names")
-    return None
+    return manifest_class_names(condensed) if condensed else None

@@ -15,15 +15,20 @@ is refused, since its output is a velocity.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from d2c.models.convert import convert_diffusers_dit, read_official_dit_state_dict
 from d2c.models.dit import DIT_CONFIGS, DiT
+
+if TYPE_CHECKING:
+    from d2c.config import D2CConfig
 
 #: Rows the official class table holds beyond the classes (the CFG null class).
 NULL_CLASS_ROWS = 1
@@ -150,3 +155,45 @@ def load_scorer(spec: str, device: torch.device | str = "cpu") -> Scorer:
     if path.is_file():
         return _load_official(path, device)
     return _load_diffusers(spec, device)
+
+# ----------------------------------------------------------------------------------------------
+# The embedded scorer: trained from scratch when score.scorer is unset, cached by its settings
+# ----------------------------------------------------------------------------------------------
+
+#: Subdirectory of the cache root (d2c.rundir.cache_root) holding embedded scorers.
+SCORER_CACHE_SUBDIR = "scorers"
+
+
+def embedded_scorer_dir(cfg: "D2CConfig") -> Path:
+    """Where the embedded scorer of ``cfg`` is cached: keyed by :func:`scorer_settings`."""
+    from d2c.rundir import cache_root
+
+    key = hashlib.sha256(json.dumps(scorer_settings(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return cache_root() / SCORER_CACHE_SUBDIR / key
+
+
+def scorer_settings(cfg: "D2CConfig") -> dict[str, Any]:
+    """What the embedded scorer depends on (its cache key)."""
+    return {
+        "data": {k: getattr(cfg.data, k) for k in ("source", "path", "split", "image_size", "channels", "preprocess", "max_per_class")},
+        "autoencoder": cfg.autoencoder.settings(),
+        "diffusion": cfg.diffusion.model_dump(),
+        "model": {k: getattr(cfg.model, k) for k in ("size", "hidden_size", "depth", "num_heads", "patch_size", "mlp_ratio", "class_dropout_prob")},
+        "steps": cfg.score.scorer_train_steps,
+        "holdout_rows": cfg.score.gate_rows,
+        "ema_warmup": True,
+        "train": {k: getattr(cfg.train, k) for k in ("batch_size", "lr", "beta1", "beta2", "weight_decay", "clip_norm", "ema_decay", "seed")},
+    }
+
+
+def scorer_config(cfg: "D2CConfig", out: Path) -> "D2CConfig":
+    """The config that trains the embedded scorer: DiT, ε-prediction, full data, no attach."""
+    raw = cfg.to_dict()
+    raw["data"]["full"] = True
+    raw["model"].update(arch="dit", learn_sigma=False, use_text=False, use_visual=False)
+    raw["train"].update(steps=cfg.score.scorer_train_steps, num_workers=1, hflip=False, proj_coeff=0.0,
+                        ckpt_every=max(1, cfg.score.scorer_train_steps // 4))
+    raw["train_dir"] = str(out)
+    from d2c.config import build_config
+
+    return build_config(raw)

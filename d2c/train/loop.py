@@ -224,3 +224,23 @@ def checkpointing(trainer: Trainer, ckpt_dir: Location | str, meta: Mapping[str,
             save_state(trainer, position, ckpt_dir, meta, keep)
 
     return report
+
+
+def train_dir_of(cfg) -> Location:
+    """``train_dir``, default ``run_dir/train`` (a local path or a storage URI)."""
+    return location(cfg.train_dir) if cfg.train_dir else location(cfg.run_dir) / "train"
+
+
+def check_batch_fits(rows: int, batch_size: int, num_workers: int, what: str) -> None:
+    """Refuse a set that gives a worker less than one batch (its epochs would hold no batch)."""
+    from d2c.config import ConfigError  # here: this module is imported without pydantic (GPU benchmarks)
+
+    per_worker = max(1, batch_size // num_workers)
+    if rows // num_workers >= per_worker:
+        return
+    most = rows // num_workers * num_workers
+    if most == 0:
+        raise ConfigError(f"train: {what} has {rows} rows for train.num_workers={num_workers}: "
+                          f"use at most train.num_workers={max(rows, 1)}")
+    raise ConfigError(f"train: {what} has {rows} rows, fewer than one batch per worker (train.batch_size={batch_size} "
+                      f"over train.num_workers={num_workers} = {per_worker} rows each); set train.batch_size to at most {most}")
