@@ -26,7 +26,6 @@ wrote, rows/s. ``results.csv`` gets one row per (rows, stage); a finished size i
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import re
 import sys
@@ -42,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import synthetic_imagenet as syn  # noqa: E402
+from fidelity import read_rows, write_rows  # noqa: E402  (the study's CSV helpers)
 
 COLUMNS = ["rows", "stage", "wall_s", "driver_rss_mb", "object_store_peak_mb", "files", "rows_per_s"]
 STAGES = ["list", "score", "select", "attach", "read_back"]
@@ -163,23 +163,6 @@ def run_size(rows: int, work: Path, extra: list[str], classes: int = syn.IMAGENE
     return out
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
-def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(path)
-
-
 def growth(rows: list[dict[str, Any]], stage: str, column: str) -> Optional[float]:
     """The exponent b of ``column ≈ a · rows^b`` fitted over the sizes measured (1 = linear, 0 = flat)."""
     import numpy as np
@@ -238,7 +221,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             continue
         a.out.mkdir(parents=True, exist_ok=True)
         rows += run_size(n, a.out.resolve(), a.overrides, a.classes)
-        write_rows(results_csv, rows)
+        write_rows(results_csv, rows, COLUMNS)
     summarise(a.results, rows, "python benchmarks/scale.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     return 0
 
