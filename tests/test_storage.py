@@ -573,7 +573,7 @@ def test_condense_train_evaluate_sweep_in_an_s3_bucket(moto_s3, condensed_run, s
     assert len(results) == 1 and (results.k.tolist(), results.budget.tolist(), results.steps.tolist()) == ([3], [10], [1])
     assert np.isfinite(results.fid[0]) and results.trial_dir[0].startswith(f"s3://{MOTO_BUCKET}/run/sweep/trials/")
     trial = location(results.trial_dir[0])
-    sel = (trial / "condense" / "selection.parquet").read_pandas()
+    sel = (trial / "condense" / "selection" / "selection.parquet").read_pandas()  # a RUN's layout
     assert len(sel) == 10 and sel["rank"].tolist() == [0] * 10
     assert (trial / "condense" / "text_embeddings.safetensors").is_file()
     assert len(read_condensed(trial / "condense" / "condensed")["image_id"]) == 10
